@@ -1,0 +1,52 @@
+// The whole op surface of upsafe_ext on one screen: every schema, one line of purpose each.
+// Implementations register per family (csrc/<family>/*_op.cpp); fake/meta impls and autograd
+// live beside the Python wrappers in upsafe_ext/ops/.
+#include <torch/library.h>
+#include <torch/version.h>
+
+#ifdef UPSAFE_WITH_CUDA
+#include <cuda_runtime_api.h>
+#endif
+
+TORCH_LIBRARY(upsafe, m) {
+  // softmax((logits+bias)/T) -> top-k -> (weights, experts, counts, permutation, offsets, inverse)
+  m.def("sparse_route(Tensor logits, int k, float temperature, Tensor? temperature_per_token, "
+        "Tensor? bias, bool renormalize, float min_weight) -> "
+        "(Tensor weights, Tensor experts, Tensor counts, Tensor permutation, Tensor offsets, Tensor inverse)");
+  // d(weights) -> d(logits + bias), fp32
+  m.def("sparse_route_backward(Tensor grad_weights, Tensor logits, float temperature, "
+        "Tensor? temperature_per_token, Tensor? bias, bool renormalize, Tensor weights, Tensor experts) -> Tensor");
+}
+
+#if __has_include("generated/build_config.h")
+#include "generated/build_config.h"
+#endif
+#ifndef UPSAFE_CUDA_ARCHS
+#define UPSAFE_CUDA_ARCHS ""
+#endif
+
+// The Python module (build metadata for `upsafe_ext.info`); the standalone CMake build of the op
+// library leaves it out.
+#ifndef UPSAFE_NO_PYTHON
+#include <Python.h>
+#include <pybind11/pybind11.h>
+namespace py = pybind11;
+
+PYBIND11_MODULE(_C, mod) {
+  mod.doc() = "upsafe_ext compiled kernels (ops register under torch.ops.upsafe)";
+  mod.def("build_info", [] {
+    py::dict d;
+#ifdef UPSAFE_WITH_CUDA
+    d["with_cuda"] = true;
+    d["cuda_archs"] = std::string(UPSAFE_CUDA_ARCHS);
+    d["cuda_runtime_built"] = CUDART_VERSION;
+#else
+    d["with_cuda"] = false;
+    d["cuda_archs"] = std::string("");
+    d["cuda_runtime_built"] = 0;
+#endif
+    d["torch_built"] = std::string(TORCH_VERSION);
+    return d;
+  });
+}
+#endif  // UPSAFE_NO_PYTHON

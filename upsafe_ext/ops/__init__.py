@@ -1,0 +1,9 @@
+"""Thin Python wrappers over the registered `torch.ops.upsafe` kernels.
+
+Each op has: a public function (docstring gives shapes, dtypes and the formula), a fake (meta)
+implementation for torch.compile, autograd through `torch.library.register_autograd`, and a
+plain-PyTorch reference next to it that the tests compare against.
+"""
+from .routing import RoutingResult, sparse_route, sparse_route_reference
+
+__all__ = ["RoutingResult", "sparse_route", "sparse_route_reference"]
