@@ -2,7 +2,12 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
+
+# Each method package contributes its subcommands through `register(subparsers)` in its cli.py,
+# so adding a method means adding a folder, not editing this file's parser.
+COMMAND_MODULES = ["upsafe_ext.eval.cli", "upsafe_ext.upcycle.cli", "upsafe_ext.esi.cli", "upsafe_ext.magic.cli"]
 
 
 def _cmd_info(args) -> int:
@@ -41,8 +46,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=int, default=2)
     p.add_argument("--min-weight", type=float, default=0.1)
     p.set_defaults(fn=_cmd_route_demo)
-    p = sub.add_parser("demo", help="the main job on its built-in default")
-    p.set_defaults(fn=_cmd_route_demo, tokens=4096, experts=4, k=2, min_weight=0.1)
+    registered = set()
+    for name in COMMAND_MODULES:
+        try:
+            mod = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name in (name, name.rsplit(".", 1)[0]):
+                continue  # that method's package is not part of this build
+            raise
+        registered.update(mod.register(sub) or ())
+    if "demo" not in registered:
+        p = sub.add_parser("demo", help="the main job on its built-in default")
+        p.set_defaults(fn=_cmd_route_demo, tokens=4096, experts=4, k=2, min_weight=0.1)
     return ap
 
 
