@@ -16,6 +16,16 @@ TORCH_LIBRARY(upsafe, m) {
   // d(weights) -> d(logits + bias), fp32
   m.def("sparse_route_backward(Tensor grad_weights, Tensor logits, float temperature, "
         "Tensor? temperature_per_token, Tensor? bias, bool renormalize, Tensor weights, Tensor experts) -> Tensor");
+  // sum_j w_j * down_e(act(gate_e(x)) * up_e(x)) over each token's routed experts; weights in chunks
+  // of experts ([E_c, 2I|I, H], [E_c, H, I]); returns (out, pre-activations, expert outputs)
+  m.def("grouped_expert_mlp(Tensor x, Tensor weights, Tensor experts, Tensor permutation, Tensor offsets, "
+        "Tensor inverse, Tensor[] w_in, Tensor[] w_out, Tensor[] b_in, Tensor[] b_out, str activation, bool gated, "
+        "bool save_for_backward) -> (Tensor, Tensor[], Tensor[])");
+  // -> (dx, d routing weights, dw_in[], dw_out[], db_in[], db_out[]); empty for chunks not needing grads
+  m.def("grouped_expert_mlp_backward(Tensor grad_out, Tensor x, Tensor weights, Tensor experts, Tensor permutation, "
+        "Tensor offsets, Tensor inverse, Tensor[] w_in, Tensor[] w_out, Tensor[] b_in, Tensor[] b_out, Tensor[] h, "
+        "Tensor[] y, str activation, bool gated, bool need_x, bool need_weights, bool[] need_w) -> "
+        "(Tensor, Tensor, Tensor[], Tensor[], Tensor[], Tensor[])");
 }
 
 #if __has_include("generated/build_config.h")
