@@ -26,6 +26,17 @@ TORCH_LIBRARY(upsafe, m) {
         "Tensor offsets, Tensor inverse, Tensor[] w_in, Tensor[] w_out, Tensor[] b_in, Tensor[] b_out, Tensor[] h, "
         "Tensor[] y, str activation, bool gated, bool need_x, bool need_weights, bool[] need_w) -> "
         "(Tensor, Tensor, Tensor[], Tensor[], Tensor[], Tensor[])");
+  // ESI, one launch over every tensor: accum += grad; with finalize accum := sigma*|accum| in place
+  // and return the 8192-bin selection histogram of the scores (else an empty tensor)
+  m.def("esi_accumulate_(Tensor(a!)[] accum, Tensor[] grads, float[]? sigma, bool finalize, bool invert) -> Tensor");
+  // the selection histogram of existing (non-negative) scores
+  m.def("esi_histogram(Tensor[] scores, bool invert) -> Tensor");
+  // masks = bin(score) > threshold_bin; threshold-bin elements appended as sortable candidate keys
+  m.def("esi_select(Tensor[] scores, int threshold_bin, int capacity, bool invert) -> (Tensor[] masks, "
+        "Tensor candidates, Tensor count)");
+  // AdamW on compact state of the selected elements (SET): gather grad, update, scatter param
+  m.def("esi_sparse_adamw_(Tensor(a!)[] params, Tensor[] grads, Tensor[] idx, Tensor(b!)[] m, Tensor(c!)[] v, "
+        "Tensor(d!)[] master, float lr, float beta1, float beta2, float eps, float weight_decay, int step) -> ()");
 }
 
 #if __has_include("generated/build_config.h")

@@ -9,3 +9,6 @@ from .routing import RoutingResult, sparse_route, sparse_route_reference
 
 __all__ = ["RoutingResult", "sparse_route", "sparse_route_reference", "grouped_expert_mlp",
            "grouped_expert_mlp_reference"]
+from .esi import esi_accumulate_, esi_histogram, select_topk, select_topk_reference, sparse_adamw_  # noqa: E402
+
+__all__ += ["esi_accumulate_", "esi_histogram", "select_topk", "select_topk_reference", "sparse_adamw_"]
