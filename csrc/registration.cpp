@@ -34,6 +34,8 @@ TORCH_LIBRARY(upsafe, m) {
   // masks = bin(score) > threshold_bin; threshold-bin elements appended as sortable candidate keys
   m.def("esi_select(Tensor[] scores, int threshold_bin, int capacity, bool invert) -> (Tensor[] masks, "
         "Tensor candidates, Tensor count)");
+  // masks[t].view(-1)[g - start_t] = true for every global index g (the chosen threshold candidates)
+  m.def("esi_mark_(Tensor(a!)[] masks, Tensor indices) -> ()");
   // AdamW on compact state of the selected elements (SET): gather grad, update, scatter param
   m.def("esi_sparse_adamw_(Tensor(a!)[] params, Tensor[] grads, Tensor[] idx, Tensor(b!)[] m, Tensor(c!)[] v, "
         "Tensor(d!)[] master, float lr, float beta1, float beta2, float eps, float weight_decay, int step) -> ()");

@@ -66,13 +66,23 @@ struct AdamParams {
   float lr, beta1, beta2, eps, weight_decay, bias_c1, bias_c2;  // bias_c* = 1 - beta^step
 };
 
+// masks[t][i] = true for every global index g = elem_begin[t] + i in `indices`
+struct MarkParams {
+  const TensorMeta* metas;
+  int n_tensors;
+  const int64_t* indices;
+  long long n;
+};
+
 void accumulate_cpu(const MultiParams& p, const TensorMeta* metas);
+void mark_cpu(const MarkParams& p);
 void select_cpu(const MultiParams& p, const TensorMeta* metas);
 void sparse_adamw_cpu(const AdamParams& p, const AdamMeta* metas);
 
 #ifdef UPSAFE_WITH_CUDA
 void accumulate_cuda(const MultiParams& p, void* stream);
 void select_cuda(const MultiParams& p, void* stream);
+void mark_cuda(const MarkParams& p, void* stream);
 void sparse_adamw_cuda(const AdamParams& p, void* stream);
 #endif
 

@@ -99,6 +99,18 @@ void select_cpu(const MultiParams& p, const TensorMeta* metas) {
   });
 }
 
+void mark_cpu(const MarkParams& p) {
+  for (long long j = 0; j < p.n; ++j) {
+    const long long g = p.indices[j];
+    int lo = 0, hi = p.n_tensors - 1;
+    while (lo < hi) {
+      const int mid = (lo + hi + 1) / 2;
+      if (p.metas[mid].elem_begin <= g) lo = mid; else hi = mid - 1;
+    }
+    p.metas[lo].mask[g - p.metas[lo].elem_begin] = 1;
+  }
+}
+
 void sparse_adamw_cpu(const AdamParams& p, const AdamMeta* metas) {
   dispatch_cpu(p.dtype, [&](auto tag) {
     using T = decltype(tag);

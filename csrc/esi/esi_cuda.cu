@@ -139,6 +139,18 @@ __global__ void __launch_bounds__(kThreads) select_kernel(MultiParams p) {
   }
 }
 
+__global__ void __launch_bounds__(256) mark_kernel(MarkParams p) {
+  const long long j = (long long)blockIdx.x * 256 + threadIdx.x;
+  if (j >= p.n) return;
+  const long long g = p.indices[j];
+  int lo = 0, hi = p.n_tensors - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) / 2;
+    if (p.metas[mid].elem_begin <= g) lo = mid; else hi = mid - 1;
+  }
+  p.metas[lo].mask[g - p.metas[lo].elem_begin] = 1;
+}
+
 template <typename T>
 __global__ void __launch_bounds__(256) sparse_adamw_kernel(AdamParams p) {
   for (long long tile = blockIdx.x; tile < p.total_tiles; tile += gridDim.x) {
@@ -204,6 +216,12 @@ void select_cuda(const MultiParams& p, void* stream) {
   if (p.aligned) select_kernel<true><<<blocks, kThreads, 0, s>>>(p);
   else select_kernel<false><<<blocks, kThreads, 0, s>>>(p);
   check_launch("esi_select");
+}
+
+void mark_cuda(const MarkParams& p, void* stream) {
+  if (p.n == 0) return;
+  mark_kernel<<<ceil_div(p.n, 256), 256, 0, static_cast<cudaStream_t>(stream)>>>(p);
+  check_launch("esi_mark_");
 }
 
 void sparse_adamw_cuda(const AdamParams& p, void* stream) {

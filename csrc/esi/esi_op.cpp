@@ -145,6 +145,41 @@ std::tuple<std::vector<Tensor>, Tensor, Tensor> esi_select(at::TensorList scores
   return {masks, cand, count};
 }
 
+void esi_mark_(at::TensorList masks, const Tensor& indices) {
+  constexpr const char* op = "esi_mark_";
+  if (masks.empty() || indices.numel() == 0) return;
+  const Tensor& ref = masks[0];
+  check_list(op, "masks", masks, ref, at::kBool);
+  UPSAFE_CHECK_DTYPE(op, indices, "indices", at::kLong);
+  UPSAFE_CHECK_SAME_DEVICE(op, indices, "indices", ref);
+  std::vector<TensorMeta> metas;
+  long long elems = 0;
+  for (const auto& m : masks) {
+    TensorMeta t{};
+    t.mask = static_cast<unsigned char*>(m.data_ptr());
+    t.n = m.numel();
+    t.elem_begin = elems;
+    elems += t.n;
+    metas.push_back(t);
+  }
+  Tensor idx = indices.contiguous();
+  MarkParams p{nullptr, static_cast<int>(metas.size()), idx.data_ptr<int64_t>(), idx.numel()};
+  on_device(ref, op,
+            [&] {
+              auto mn = idx.min().item<int64_t>(), mx = idx.max().item<int64_t>();
+              TORCH_CHECK_VALUE(mn >= 0 && mx < elems, op, ": `indices` must be in [0, ", elems, ")");
+              p.metas = metas.data();
+              mark_cpu(p);
+            },
+            [&](void* stream) {
+#ifdef UPSAFE_WITH_CUDA
+              Tensor dev = to_device(metas, ref.device());
+              p.metas = reinterpret_cast<const TensorMeta*>(dev.data_ptr());
+              mark_cuda(p, stream);
+#endif
+            });
+}
+
 void esi_sparse_adamw_(at::TensorList params, at::TensorList grads, at::TensorList idx, at::TensorList m,
                        at::TensorList v, at::TensorList master, double lr, double beta1, double beta2, double eps,
                        double weight_decay, int64_t step) {
@@ -201,6 +236,7 @@ void esi_sparse_adamw_(at::TensorList params, at::TensorList grads, at::TensorLi
   m.impl("esi_accumulate_", &upsafe::esi::esi_accumulate_);             \
   m.impl("esi_histogram", &upsafe::esi::esi_histogram);                 \
   m.impl("esi_select", &upsafe::esi::esi_select);                       \
+  m.impl("esi_mark_", &upsafe::esi::esi_mark_);                         \
   m.impl("esi_sparse_adamw_", &upsafe::esi::esi_sparse_adamw_);
 
 TORCH_LIBRARY_IMPL(upsafe, CPU, m) { UPSAFE_ESI_IMPLS(m) }

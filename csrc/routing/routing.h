@@ -58,8 +58,8 @@ void route_cpu(const RouteParams& p);
 void route_backward_cpu(const RouteBackwardParams& p);
 
 #ifdef UPSAFE_WITH_CUDA
-// CUDA implementations (routing_cuda.cu). `workspace` holds ceil(T/256)*(E+1) int32 and is zeroed
-// by the launcher on `stream`. No host synchronisation.
+// CUDA implementations (routing_cuda.cu). `workspace` holds route_cuda_workspace_elems(T, E) int32
+// (fully written by the kernels: no memset). No host synchronisation.
 void route_cuda(const RouteParams& p, int32_t* workspace, void* stream);
 void route_backward_cuda(const RouteBackwardParams& p, void* stream);
 long long route_cuda_workspace_elems(long long T, int E);
@@ -67,7 +67,7 @@ long long route_cuda_workspace_elems(long long T, int E);
 
 constexpr int kMaxTopK = 8;
 constexpr int kMaxExperts = 256;
-constexpr int kTileTokens = 256;  // permutation tile (tokens) on both CPU and CUDA
+constexpr int kTileTokens = 128;  // permutation tile (tokens) on both CPU and CUDA
 
 }  // namespace routing
 }  // namespace upsafe

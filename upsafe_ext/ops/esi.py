@@ -66,12 +66,7 @@ def select_topk(scores: Sequence[Tensor], k: int, largest: bool = True, hist: Te
     if n != h[threshold]:
         raise RuntimeError(f"select_topk: histogram says {h[threshold]} candidates, select found {n} (scores changed?)")
     chosen = torch.sort(cand[:n]).values[:need] & _IDX_MASK
-    starts = torch.tensor([0] + [s.numel() for s in scores], device=chosen.device).cumsum(0)
-    owner = torch.searchsorted(starts, chosen, right=True) - 1
-    for i, m in enumerate(masks):
-        local = chosen[owner == i] - starts[i]
-        if local.numel():
-            m.view(-1)[local] = True
+    torch.ops.upsafe.esi_mark_.default(masks, chosen)
     return masks
 
 
@@ -115,6 +110,10 @@ if _ext.loaded():
         dev = scores[0].device if scores else "cpu"
         return ([torch.empty_like(s, dtype=torch.bool) for s in scores],
                 torch.empty((capacity,), dtype=torch.int64, device=dev), torch.empty((1,), dtype=torch.int64, device=dev))
+
+    @torch.library.register_fake("upsafe::esi_mark_")
+    def _mark_fake(masks, indices):
+        return None
 
     @torch.library.register_fake("upsafe::esi_sparse_adamw_")
     def _adam_fake(params, grads, idx, m, v, master, lr, beta1, beta2, eps, weight_decay, step):
