@@ -76,12 +76,41 @@ def run(device: str, shapes, out_dir: str) -> str:
                          "sparse_route: median µs (bf16 logits)")
 
 
+def profile(device: str, shapes) -> str:
+    """Per-kernel CUDA time of one sparse_route call per shape (torch.profiler), to see where time goes."""
+    from torch.profiler import ProfilerActivity, profile as tprofile
+
+    lines = ["| T | E | k | kernel | µs/call |", "|---|---|---|---|---|"]
+    for T, E, k in shapes:
+        x = torch.randn(T, E, device=device, dtype=torch.bfloat16)
+        for _ in range(3):
+            sparse_route(x, k, temperature=0.7)
+        torch.cuda.synchronize()
+        with tprofile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(10):
+                sparse_route(x, k, temperature=0.7)
+            torch.cuda.synchronize()
+        for ev in prof.key_averages():
+            dev_us = getattr(ev, "device_time_total", getattr(ev, "cuda_time_total", 0)) / 10
+            if dev_us > 0:
+                lines.append(f"| {T} | {E} | {k} | {ev.key[:70]} | {dev_us:.1f} |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     ap.add_argument("--quick", action="store_true", help="one small shape (smoke test)")
+    ap.add_argument("--profile", action="store_true", help="per-kernel CUDA times instead of the table")
     a = ap.parse_args(argv)
+    if a.profile:
+        text = profile(a.device, ANCHOR_SHAPES)
+        os.makedirs(a.out, exist_ok=True)
+        with open(os.path.join(a.out, "profile_routing.md"), "w") as f:
+            f.write(text + "\n")
+        print(text)
+        return
     shapes = ANCHOR_SHAPES if a.device == "cuda" else CPU_SHAPES
     if a.quick:
         shapes = [(1024, 8, 2)]

@@ -30,6 +30,7 @@ if [ "$what" = bench ] || [ "$what" = all ]; then
   for b in ${benches//,/ }; do
     case $b in
       routing) timeout 90 python3 benchmarks/bench_routing.py --out "$OUT" >> "$LOG" 2>&1; tail -8 "$OUT/bench_routing.md" ;;
+      profile) timeout 60 python3 benchmarks/bench_routing.py --profile --out "$OUT" >> "$LOG" 2>&1; cat "$OUT/profile_routing.md" ;;
       esi) timeout 150 python3 benchmarks/bench_esi.py --out "$OUT" >> "$LOG" 2>&1; tail -3 "$OUT/bench_esi.md" ;;
       grouped) timeout 240 python3 benchmarks/bench_grouped_mlp.py --out "$OUT" >> "$LOG" 2>&1; tail -13 "$OUT/bench_grouped_mlp.md" ;;
       generate) timeout 240 python3 benchmarks/bench_generate.py --out "$OUT" >> "$LOG" 2>&1; tail -8 "$OUT/bench_generate.md" ;;

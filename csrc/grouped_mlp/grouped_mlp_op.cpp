@@ -20,6 +20,13 @@ namespace {
 constexpr const char* kOp = "grouped_expert_mlp";
 using at::Tensor;
 
+// Where the row kernels run. The default CUDA stream's handle is 0, so "no stream" cannot mean CPU.
+struct Dev {
+  bool cuda;
+  void* stream;
+};
+
+
 Activation parse_activation(c10::string_view s) {
   if (s == "silu") return Activation::kSilu;
   if (s == "gelu_tanh") return Activation::kGeluTanh;
@@ -174,14 +181,14 @@ Tensor gemm_nn(const Ctx& c, const Tensor& G, const Tensor& W, const ChunkRows& 
 }
 
 // out[e] = G[rows_e]^T @ A[rows_e]   G [M, N], A [M, K] -> [E_c, N, K] (0 for experts with no rows)
-Tensor gemm_tn(const Ctx& c, int i, const Tensor& G, const Tensor& A, const ChunkRows& r, void* stream) {
+Tensor gemm_tn(const Ctx& c, int i, const Tensor& G, const Tensor& A, const ChunkRows& r, Dev stream) {
   const int64_t Ec = c.chunk_experts(i);
   if (c.gmm) {
     Tensor out = at::_grouped_mm(G.t(), A, r.offs);
 #ifdef UPSAFE_WITH_CUDA
     ZeroParams z{out.data_ptr(), c.offsets.data_ptr<int32_t>(), Ec, G.size(1) * A.size(1),
                  c.layout.first_expert[i], c.layout.first_expert[i + 1], static_cast<int>(out.element_size()), true};
-    zero_unwritten_cuda(z, stream);
+    zero_unwritten_cuda(z, stream.stream);
 #endif
     return out;
   }
@@ -198,26 +205,26 @@ Tensor gemm_tn(const Ctx& c, int i, const Tensor& G, const Tensor& A, const Chun
 }
 
 // ---- row stages, device-switched ---------------------------------------------------------------
-void run_gather(const Ctx& c, int i, const Tensor& src, const float* scale, Tensor& out, void* stream) {
+void run_gather(const Ctx& c, int i, const Tensor& src, const float* scale, Tensor& out, Dev stream) {
   GatherParams p{src.data_ptr(), c.perm.data_ptr<int32_t>(), c.offsets.data_ptr<int32_t>(), scale, out.data_ptr(),
                  c.M, static_cast<int>(c.H), static_cast<int>(c.k), c.layout.first_expert[i],
                  c.layout.first_expert[i + 1], c.dtype};
-  if (stream) {
+  if (stream.cuda) {
 #ifdef UPSAFE_WITH_CUDA
-    gather_cuda(p, stream);
+    gather_cuda(p, stream.stream);
 #endif
   } else {
     gather_cpu(p);
   }
 }
 
-void run_activation(const Ctx& c, int i, const Tensor& h, const Tensor* grad_a, Tensor& a, Tensor* grad_h, void* stream) {
+void run_activation(const Ctx& c, int i, const Tensor& h, const Tensor* grad_a, Tensor& a, Tensor* grad_h, Dev stream) {
   ActParams p{h.data_ptr(), c.b_in.empty() ? nullptr : c.b_in[i].data_ptr(), grad_a ? grad_a->data_ptr() : nullptr,
               a.data_ptr(), grad_h ? grad_h->data_ptr() : nullptr, c.offsets.data_ptr<int32_t>(), c.M,
               static_cast<int>(c.I), c.layout.first_expert[i], c.layout.first_expert[i + 1], c.gated, c.act, c.dtype};
-  if (stream) {
+  if (stream.cuda) {
 #ifdef UPSAFE_WITH_CUDA
-    activation_cuda(p, stream);
+    activation_cuda(p, stream.stream);
 #endif
   } else {
     activation_cpu(p);
@@ -225,7 +232,7 @@ void run_activation(const Ctx& c, int i, const Tensor& h, const Tensor* grad_a, 
 }
 
 void run_combine(const Ctx& c, const std::vector<Tensor>& rows, const float* weights, bool with_bias, Tensor& out,
-                 void* stream) {
+                 Dev stream) {
   CombineParams p{};
   for (int i = 0; i < c.n(); ++i) {
     p.rows[i] = rows[i].data_ptr();
@@ -241,9 +248,9 @@ void run_combine(const Ctx& c, const std::vector<Tensor>& rows, const float* wei
   p.H = static_cast<int>(c.H);
   p.k = static_cast<int>(c.k);
   p.dtype = c.dtype;
-  if (stream) {
+  if (stream.cuda) {
 #ifdef UPSAFE_WITH_CUDA
-    combine_cuda(p, stream);
+    combine_cuda(p, stream.stream);
 #endif
   } else {
     combine_cpu(p);
@@ -252,12 +259,12 @@ void run_combine(const Ctx& c, const std::vector<Tensor>& rows, const float* wei
 
 // Rows [count_c, M) of a chunk buffer are never written by the GEMMs: zero them before they leave
 // the op (they are saved for backward and must be deterministic).
-void zero_tail(const Ctx& c, int i, Tensor& buf, const ChunkRows& r, void* stream) {
+void zero_tail(const Ctx& c, int i, Tensor& buf, const ChunkRows& r, Dev stream) {
   if (c.gmm) {
 #ifdef UPSAFE_WITH_CUDA
     ZeroParams z{buf.data_ptr(), c.offsets.data_ptr<int32_t>(), buf.size(0), buf.size(1), c.layout.first_expert[i],
                  c.layout.first_expert[i + 1], static_cast<int>(buf.element_size()), false};
-    zero_unwritten_cuda(z, stream);
+    zero_unwritten_cuda(z, stream.stream);
 #endif
     return;
   }
@@ -266,11 +273,11 @@ void zero_tail(const Ctx& c, int i, Tensor& buf, const ChunkRows& r, void* strea
   if (count < buf.size(0)) buf.narrow(0, count, buf.size(0) - count).zero_();
 }
 
-void* stream_of(const Tensor& t) {
+Dev stream_of(const Tensor& t) {
 #ifdef UPSAFE_WITH_CUDA
-  if (t.is_cuda()) return static_cast<void*>(c10::cuda::getCurrentCUDAStream(t.device().index()).stream());
+  if (t.is_cuda()) return {true, static_cast<void*>(c10::cuda::getCurrentCUDAStream(t.device().index()).stream())};
 #endif
-  return nullptr;
+  return {false, nullptr};
 }
 
 std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> grouped_expert_mlp(
@@ -293,7 +300,7 @@ std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> grouped_expert_mlp(
   c10::OptionalDeviceGuard guard;
   if (c.x.is_cuda()) guard.reset_device(c.x.device());
 #endif
-  void* stream = stream_of(c.x);
+  Dev stream = stream_of(c.x);
   std::vector<Tensor> y_rows;
   for (int i = 0; i < c.n(); ++i) {
     ChunkRows r = chunk_rows(c, i);
@@ -344,7 +351,7 @@ grouped_expert_mlp_backward(const Tensor& grad_out, const Tensor& x, const Tenso
   c10::OptionalDeviceGuard guard;
   if (c.x.is_cuda()) guard.reset_device(c.x.device());
 #endif
-  void* stream = stream_of(c.x);
+  Dev stream = stream_of(c.x);
   std::vector<Tensor> dx_rows;
   for (int i = 0; i < c.n(); ++i) {
     ChunkRows r = chunk_rows(c, i);
@@ -364,9 +371,9 @@ grouped_expert_mlp_backward(const Tensor& grad_out, const Tensor& x, const Tenso
         Tensor acc = at::empty({c.chunk_experts(i), width}, c.x.options().dtype(at::kFloat));
         SegmentSumParams sp{src.data_ptr(), c.offsets.data_ptr<int32_t>(), acc.data_ptr<float>(), c.M,
                             static_cast<int>(width), c.layout.first_expert[i], c.layout.first_expert[i + 1], c.dtype};
-        if (stream) {
+        if (stream.cuda) {
 #ifdef UPSAFE_WITH_CUDA
-          segment_sum_cuda(sp, stream);
+          segment_sum_cuda(sp, stream.stream);
 #endif
         } else {
           segment_sum_cpu(sp);
@@ -400,9 +407,9 @@ grouped_expert_mlp_backward(const Tensor& grad_out, const Tensor& x, const Tenso
     sp.H = static_cast<int>(c.H);
     sp.k = static_cast<int>(c.k);
     sp.dtype = c.dtype;
-    if (stream) {
+    if (stream.cuda) {
 #ifdef UPSAFE_WITH_CUDA
-      slot_dot_cuda(sp, stream);
+      slot_dot_cuda(sp, stream.stream);
 #endif
     } else {
       slot_dot_cpu(sp);
