@@ -203,10 +203,11 @@ def test_cuda_bf16_grouped_mm_path_no_sync_and_matches_loop(monkeypatch):
     x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     logits = torch.randn(T, 3, device="cuda", requires_grad=True)
     w_in, w_out, _, _ = make_weights((1, 2), H, I, True, torch.bfloat16, "cuda", scale=0.05, trainable=(False, True))
+    bias = torch.tensor([0.0, 0.3, 0.3], device="cuda")  # (a host->device copy: made before the check)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        r = sparse_route(logits, 1, bias=torch.tensor([0.0, 0.3, 0.3], device="cuda"))
+        r = sparse_route(logits, 1, bias=bias)
         out = grouped_expert_mlp(x, r, w_in, w_out)
         out.float().pow(2).sum().backward()
     finally:

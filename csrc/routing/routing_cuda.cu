@@ -1,12 +1,13 @@
-// CUDA routing in three launches, no atomics on global memory and no memset:
-//   route   one thread per token streams its E logits once: online softmax (running max and sum)
-//           and an insertion top-k in registers; a block is one tile of kTileTokens tokens and
-//           writes its expert histogram row (shared-memory atomics only)
-//   scan    one block turns the [tiles, E+1] histogram into per-tile bucket bases (column scans)
-//           plus the per-expert counts and grouped-GEMM offsets
-//   permute one block per tile scatters its slots stably (warp match_any ranks peers)
-// Earlier design (a sub-warp per token with shuffle top-k, global atomics into the tile histogram)
-// measured 50 µs at T=16384, E=128, k=8 on an H100 in a CUDA graph: the atomics dominated.
+// CUDA routing in three launches, no global atomics and no memset:
+//   route    a group of LANES threads per token holds its logits in registers (softmax and top-k by
+//            shuffles); a block is one tile of kTileTokens tokens and writes its expert histogram
+//            column (bucket-major, shared-memory atomics only)
+//   colscan  one warp per bucket: exclusive prefix over tiles, coalesced, plus bucket totals
+//   permute  one block per tile: bucket starts (block scan of the totals), then a stable scatter of
+//            the tile's slots (warp match_any ranks peers), counts and offsets from block 0
+// History on the H100 (T=16384, E=128, k=8, CUDA-graph times): sub-warp per token with global
+// atomics into per-tile histograms, 50 µs; one thread per token (online softmax, insertion
+// top-k) 176 µs: at 16K tokens that is ~4 warps per SM and the serial chain is latency-bound.
 #include <cub/block/block_scan.cuh>
 
 #include <cfloat>
@@ -28,149 +29,181 @@ __device__ __forceinline__ bool ranks_before(float a, int ia, float b, int ib) {
   return ia < ib;
 }
 
-template <typename T, int VEC>
-struct alignas(sizeof(T) * VEC) Pack {
-  T v[VEC];
-};
 
-// Streams row t once. Returns the softmax statistics and the k best (scaled logit, expert).
-template <typename scalar_t, int VEC>
-__device__ __forceinline__ void scan_row(const scalar_t* __restrict__ row, const float* __restrict__ brow, float inv_tau,
-                                         int E, int k, float& m, float& sum, bool& nan_seen,
-                                         float (&bs)[kMaxTopK], int (&bi)[kMaxTopK]) {
-  m = -INFINITY;
-  sum = 0.f;
-  nan_seen = false;
+template <int LANES>
+__device__ __forceinline__ float group_max(float v) {
 #pragma unroll
-  for (int j = 0; j < kMaxTopK; ++j) { bs[j] = -INFINITY; bi[j] = INT_MAX; }
-  float kth_s = -INFINITY;  // the current k-th best, kept in scalars: indexing bs[k - 1] with a
-  int kth_i = INT_MAX;      // run-time k would move the arrays to local memory
-  for (int e0 = 0; e0 < E; e0 += VEC) {
-    const Pack<scalar_t, VEC> pk = *reinterpret_cast<const Pack<scalar_t, VEC>*>(row + e0);
+  for (int off = LANES / 2; off > 0; off /= 2) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, off, LANES));
+  return v;
+}
+template <int LANES>
+__device__ __forceinline__ float group_sum(float v) {
 #pragma unroll
-    for (int u = 0; u < VEC; ++u) {
-      const int e = e0 + u;
-      if (VEC > 1 || e < E) {
-        float z = to_float(pk.v[u]);
-        if (brow) z += brow[e];
-        const float s = z * inv_tau;
-        if (isnan(s)) {
-          nan_seen = true;
-        } else if (s > m) {
-          sum = sum * __expf(m - s) + 1.f;
-          m = s;
-        } else {
-          sum += __expf(s - m);
-        }
-        // insertion top-k: most experts fail the first test against the current k-th
-        if (ranks_before(s, e, kth_s, kth_i)) {
-          float cs = s;
-          int ci = e;
+  for (int off = LANES / 2; off > 0; off /= 2) v += __shfl_xor_sync(0xffffffffu, v, off, LANES);
+  return v;
+}
+template <int LANES>
+__device__ __forceinline__ int group_or(int v) {
 #pragma unroll
-          for (int j = 0; j < kMaxTopK; ++j) {
-            if (j < k && ranks_before(cs, ci, bs[j], bi[j])) {
-              const float ts = bs[j]; const int ti = bi[j];
-              bs[j] = cs; bi[j] = ci; cs = ts; ci = ti;
-            }
-            if (j == k - 1) { kth_s = bs[j]; kth_i = bi[j]; }
-          }
-        }
-      }
-    }
-  }
-  if (nan_seen) m = NAN;
+  for (int off = LANES / 2; off > 0; off /= 2) v |= __shfl_xor_sync(0xffffffffu, v, off, LANES);
+  return v;
 }
 
-template <typename scalar_t, int VEC>
-__global__ void __launch_bounds__(kTileTokens) route_kernel(RouteParams p, int32_t* __restrict__ tile_hist) {
+// One token's scaled logits s = (z + b) / tau in registers: lane `lane` of the group holds experts
+// v * LANES + lane (coalesced across the group). Returns the softmax max and sum (NaN if any s is NaN).
+template <typename scalar_t, int VPT, int LANES>
+__device__ __forceinline__ void load_scaled(const scalar_t* __restrict__ row, const float* brow, float inv_tau, int E,
+                                            int lane, bool active, float (&s)[VPT], float& m, float& sum) {
+  float mx = -INFINITY;
+  int nan_flag = 0;
+#pragma unroll
+  for (int v = 0; v < VPT; ++v) {
+    const int e = v * LANES + lane;
+    if (active && e < E) {
+      float z = to_float(row[e]);
+      if (brow) z += brow[e];
+      s[v] = z * inv_tau;
+      nan_flag |= isnan(s[v]);
+      mx = fmaxf(mx, s[v]);
+    } else {
+      s[v] = -INFINITY;
+    }
+  }
+  mx = group_max<LANES>(mx);
+  if (group_or<LANES>(nan_flag)) mx = NAN;
+  float acc = 0.f;
+#pragma unroll
+  for (int v = 0; v < VPT; ++v) {
+    const int e = v * LANES + lane;
+    if (active && e < E) acc += __expf(s[v] - mx);
+  }
+  m = mx;
+  sum = group_sum<LANES>(acc);
+}
+
+// A block is one tile of kTileTokens tokens; a group of LANES threads handles one token at a time.
+template <typename scalar_t, int VPT, int LANES>
+__global__ void __launch_bounds__(1024) route_kernel(RouteParams p, int32_t* __restrict__ hist, int n_tiles) {
+  constexpr int kThreads = (kTileTokens * LANES < 1024) ? kTileTokens * LANES : 1024;
+  constexpr int kGroups = kThreads / LANES;
   __shared__ int s_hist[kMaxExperts + 1];
   const int E = p.E, k = p.k;
-  for (int i = threadIdx.x; i <= E; i += kTileTokens) s_hist[i] = 0;
+  for (int i = threadIdx.x; i <= E; i += kThreads) s_hist[i] = 0;
   __syncthreads();
-  const long long t = (long long)blockIdx.x * kTileTokens + threadIdx.x;
-  if (t < p.T) {
-    const float tau = p.temperature_tok ? p.temperature_tok[t] : p.temperature;
-    const float* brow = p.bias ? p.bias + t * p.bias_token_stride : nullptr;
-    float m, sum, bs[kMaxTopK];
-    int bi[kMaxTopK];
-    bool nan_seen;
-    scan_row<scalar_t, VEC>(static_cast<const scalar_t*>(p.logits) + t * E, brow, 1.f / tau, E, k, m, sum, nan_seen,
-                            bs, bi);
+  const int lane = threadIdx.x % LANES;
+  for (int tt = threadIdx.x / LANES; tt < kTileTokens; tt += kGroups) {
+    const long long t = (long long)blockIdx.x * kTileTokens + tt;
+    const bool active = t < p.T;  // inactive groups still take part in the shuffles
+    const float tau = (active && p.temperature_tok) ? p.temperature_tok[t] : p.temperature;
+    const float* brow = (active && p.bias) ? p.bias + t * p.bias_token_stride : nullptr;
+    float s[VPT], m, sum;
+    load_scaled<scalar_t, VPT, LANES>(static_cast<const scalar_t*>(p.logits) + (active ? t : 0) * E, brow, 1.f / tau,
+                                      E, lane, active, s, m, sum);
     const float inv_sum = 1.f / sum;
-    float prob[kMaxTopK];
+    unsigned taken = 0;
     int sel[kMaxTopK];
-    float kept = 0.f;
+    float prob[kMaxTopK];
 #pragma unroll
     for (int j = 0; j < kMaxTopK; ++j) {
-      prob[j] = 0.f;
       sel[j] = -1;
+      prob[j] = 0.f;
       if (j < k) {
-        const float pj = __expf(bs[j] - m) * inv_sum;
+        float bv = -INFINITY;
+        int bi = INT_MAX;
+#pragma unroll
+        for (int v = 0; v < VPT; ++v) {
+          const int e = v * LANES + lane;
+          if (e < E && !(taken & (1u << v)) && ranks_before(s[v], e, bv, bi)) { bv = s[v]; bi = e; }
+        }
+#pragma unroll
+        for (int off = LANES / 2; off > 0; off /= 2) {
+          const float ov = __shfl_xor_sync(0xffffffffu, bv, off, LANES);
+          const int oi = __shfl_xor_sync(0xffffffffu, bi, off, LANES);
+          if (ranks_before(ov, oi, bv, bi)) { bv = ov; bi = oi; }
+        }
+        if (bi != INT_MAX && bi % LANES == lane) taken |= 1u << (bi / LANES);
+        const float pj = __expf(bv - m) * inv_sum;
         const bool keep = (j == 0) || !(pj < p.min_weight);
-        sel[j] = keep ? bi[j] : -1;
+        sel[j] = keep ? bi : -1;
         prob[j] = keep ? pj : 0.f;
-        kept += prob[j];
       }
     }
-    const float scale = p.renormalize ? 1.f / kept : 1.f;
+    if (active && lane == 0) {
+      float kept = 0.f;
 #pragma unroll
-    for (int j = 0; j < kMaxTopK; ++j) {
-      if (j < k) {
-        p.experts[t * k + j] = sel[j];
-        p.weights[t * k + j] = sel[j] >= 0 ? prob[j] * scale : 0.f;
-        atomicAdd(&s_hist[sel[j] >= 0 ? sel[j] : E], 1);
+      for (int j = 0; j < kMaxTopK; ++j) kept += prob[j];
+      const float scale = p.renormalize ? 1.f / kept : 1.f;
+#pragma unroll
+      for (int j = 0; j < kMaxTopK; ++j) {
+        if (j < k) {
+          p.experts[t * k + j] = sel[j];
+          p.weights[t * k + j] = sel[j] >= 0 ? prob[j] * scale : 0.f;
+          atomicAdd(&s_hist[sel[j] >= 0 ? sel[j] : E], 1);
+        }
       }
     }
   }
   __syncthreads();
-  for (int i = threadIdx.x; i <= E; i += kTileTokens) tile_hist[(long long)blockIdx.x * (E + 1) + i] = s_hist[i];
+  for (int b = threadIdx.x; b <= E; b += kThreads) hist[(long long)b * n_tiles + blockIdx.x] = s_hist[b];  // bucket-major
 }
 
-// One block: tile_hist[tile][b] := bucket_start[b] + sum_{tile' < tile} hist[tile'][b]; counts, offsets.
-constexpr int kScanThreads = 512;  // >= kMaxExperts + 1 buckets, one per thread in the bucket scan
+// One warp per bucket: hist[b][:] := exclusive prefix over tiles (in place), totals[b] := sum.
+__global__ void __launch_bounds__(256) colscan_kernel(int32_t* __restrict__ hist, int32_t* __restrict__ totals, int B,
+                                                      int n_tiles) {
+  const int b = blockIdx.x * 8 + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (b >= B) return;
+  int32_t* row = hist + (long long)b * n_tiles;
+  int running = 0;
+  for (int t0 = 0; t0 < n_tiles; t0 += 32) {
+    const int tile = t0 + lane;
+    const int v = tile < n_tiles ? row[tile] : 0;
+    int incl = v;
+#pragma unroll
+    for (int off = 1; off < 32; off *= 2) {
+      const int n = __shfl_up_sync(0xffffffffu, incl, off);
+      if (lane >= off) incl += n;
+    }
+    if (tile < n_tiles) row[tile] = running + incl - v;
+    running += __shfl_sync(0xffffffffu, incl, 31);
+  }
+  if (lane == 0) totals[b] = running;
+}
 
-__global__ void __launch_bounds__(kScanThreads) scan_kernel(RouteParams p, int32_t* __restrict__ tile_hist, int n_tiles) {
-  using BlockScan = cub::BlockScan<int, kScanThreads>;
+constexpr int kPermuteThreads = 256;
+
+// One block per tile: bucket starts from the totals (block scan), this tile's bases, then a stable
+// scatter of the tile's slots, each warp owning a contiguous run and ranking peers with match_any.
+__global__ void __launch_bounds__(kPermuteThreads) permute_kernel(RouteParams p, const int32_t* __restrict__ hist,
+                                                                  const int32_t* __restrict__ totals, int n_tiles) {
+  constexpr int kWarps = kPermuteThreads / 32;
+  constexpr int kItems = (kMaxExperts + 1 + kPermuteThreads - 1) / kPermuteThreads;
+  using BlockScan = cub::BlockScan<int, kPermuteThreads>;
   __shared__ typename BlockScan::TempStorage scan_tmp;
-  __shared__ int s_total[kMaxExperts + 1];
-  const int B = p.E + 1;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  for (int b = warp; b < B; b += kScanThreads / 32) {  // column scans, one warp per bucket
-    int running = 0;
-    for (int t0 = 0; t0 < n_tiles; t0 += 32) {
-      const int tile = t0 + lane;
-      const int v = tile < n_tiles ? tile_hist[(long long)tile * B + b] : 0;
-      int incl = v;
-#pragma unroll
-      for (int off = 1; off < 32; off *= 2) {
-        const int n = __shfl_up_sync(0xffffffffu, incl, off);
-        if (lane >= off) incl += n;
-      }
-      if (tile < n_tiles) tile_hist[(long long)tile * B + b] = running + incl - v;
-      running += __shfl_sync(0xffffffffu, incl, 31);
-    }
-    if (lane == 0) s_total[b] = running;
-  }
-  __syncthreads();
-  const int b = threadIdx.x;
-  int start = b < B ? s_total[b] : 0;
-  BlockScan(scan_tmp).ExclusiveSum(start, start);
-  if (b < p.E) {
-    p.counts[b] = s_total[b];
-    p.offsets[b] = start + s_total[b];
-  }
-  __syncthreads();
-  if (b < B) s_total[b] = start;
-  __syncthreads();
-  for (long long i = threadIdx.x; i < (long long)n_tiles * B; i += kScanThreads) tile_hist[i] += s_total[i % B];
-}
-
-__global__ void __launch_bounds__(kTileTokens) permute_kernel(RouteParams p, const int32_t* __restrict__ tile_base) {
-  constexpr int kWarps = kTileTokens / 32;
   __shared__ int s_warp[kWarps][kMaxExperts + 1];
+  __shared__ int s_base[kMaxExperts + 1];
   const int E = p.E, B = E + 1, k = p.k;
   const int tile = blockIdx.x;
-  for (int i = threadIdx.x; i < kWarps * B; i += kTileTokens) s_warp[i / B][i % B] = 0;
+  int items[kItems];
+#pragma unroll
+  for (int i = 0; i < kItems; ++i) {
+    const int b = threadIdx.x * kItems + i;
+    items[i] = b < B ? totals[b] : 0;
+  }
+  int starts[kItems];
+  BlockScan(scan_tmp).ExclusiveSum(items, starts);
+#pragma unroll
+  for (int i = 0; i < kItems; ++i) {
+    const int b = threadIdx.x * kItems + i;
+    if (b < B) {
+      s_base[b] = starts[i] + hist[(long long)b * n_tiles + tile];
+      if (tile == 0 && b < E) {
+        p.counts[b] = items[i];
+        p.offsets[b] = starts[i] + items[i];
+      }
+    }
+  }
+  for (int i = threadIdx.x; i < kWarps * B; i += kPermuteThreads) s_warp[i / B][i % B] = 0;
   __syncthreads();
   const long long s0 = (long long)tile * kTileTokens * k;
   const long long s1 = min((long long)(tile + 1) * kTileTokens, p.T) * k;
@@ -187,8 +220,8 @@ __global__ void __launch_bounds__(kTileTokens) permute_kernel(RouteParams p, con
     if (i < w1 && (peers & lt_mask) == 0) s_warp[warp][b] += __popc(peers);
   }
   __syncthreads();
-  for (int b = threadIdx.x; b < B; b += kTileTokens) {
-    int run = tile_base[(long long)tile * B + b];
+  for (int b = threadIdx.x; b < B; b += kPermuteThreads) {
+    int run = s_base[b];
     for (int w = 0; w < kWarps; ++w) {
       const int c = s_warp[w][b];
       s_warp[w][b] = run;
@@ -212,7 +245,30 @@ __global__ void __launch_bounds__(kTileTokens) permute_kernel(RouteParams p, con
   }
 }
 
-template <typename scalar_t, int VEC>
+// Streams row t once (backward of the plain convention): online softmax max and sum.
+template <typename scalar_t>
+__device__ __forceinline__ void softmax_stats(const scalar_t* __restrict__ row, const float* __restrict__ brow,
+                                              float inv_tau, int E, float& m, float& sum) {
+  m = -INFINITY;
+  sum = 0.f;
+  bool nan_seen = false;
+  for (int e = 0; e < E; ++e) {
+    float z = to_float(row[e]);
+    if (brow) z += brow[e];
+    const float s = z * inv_tau;
+    if (isnan(s)) {
+      nan_seen = true;
+    } else if (s > m) {
+      sum = sum * __expf(m - s) + 1.f;
+      m = s;
+    } else if (s != -INFINITY) {  // exp(-inf - -inf) would be NaN; the term is 0
+      sum += __expf(s - m);
+    }
+  }
+  if (nan_seen) m = NAN;
+}
+
+template <typename scalar_t>
 __global__ void __launch_bounds__(kTileTokens) route_backward_kernel(RouteBackwardParams p) {
   const long long t = (long long)blockIdx.x * kTileTokens + threadIdx.x;
   if (t >= p.T) return;
@@ -241,10 +297,8 @@ __global__ void __launch_bounds__(kTileTokens) route_backward_kernel(RouteBackwa
   // plain: dz_e = p_e (g~_e - sum_kept g_j p_{e_j}) / tau, p recomputed with the same streaming pass
   const scalar_t* row = static_cast<const scalar_t*>(p.logits) + t * E;
   const float* brow = p.bias ? p.bias + t * p.bias_token_stride : nullptr;
-  float m, sum, bs[kMaxTopK];
-  int bi[kMaxTopK];
-  bool nan_seen;
-  scan_row<scalar_t, VEC>(row, brow, inv_tau, E, 1, m, sum, nan_seen, bs, bi);
+  float m, sum;
+  softmax_stats<scalar_t>(row, brow, inv_tau, E, m, sum);
   const float inv_sum = 1.f / sum;
   auto prob_of = [&](int e) {
     float z = to_float(row[e]);
@@ -261,21 +315,25 @@ __global__ void __launch_bounds__(kTileTokens) route_backward_kernel(RouteBackwa
     if (ex[j] >= 0) out[ex[j]] += prob_of(ex[j]) * g[j] * inv_tau;
 }
 
-// 4 logits per load when rows allow it (16 B fp32, 8 B half/bf16). 8 bf16 per load unrolls the
-// insertion top-k 64 times and ptxas moves the top-k arrays to the stack (64 B frame): measured
-// with -Xptxas -v, so the width stays at 4.
-template <typename scalar_t, typename F>
-void with_row_vec(int E, const void* base, F&& f) {
-  constexpr int V = 4;
-  if (E % V == 0 && (reinterpret_cast<uintptr_t>(base) % (V * sizeof(scalar_t))) == 0)
-    f(std::integral_constant<int, V>{});
-  else f(std::integral_constant<int, 1>{});
+// (values per lane, lanes per token): enough lanes per token that T=16K tokens fill the GPU
+template <typename F>
+void dispatch_shape(int E, F&& f) {
+  using std::integral_constant;
+  if (E <= 2) return f(integral_constant<int, 1>{}, integral_constant<int, 2>{});
+  if (E <= 4) return f(integral_constant<int, 2>{}, integral_constant<int, 2>{});
+  if (E <= 8) return f(integral_constant<int, 2>{}, integral_constant<int, 4>{});
+  if (E <= 16) return f(integral_constant<int, 2>{}, integral_constant<int, 8>{});
+  if (E <= 32) return f(integral_constant<int, 2>{}, integral_constant<int, 16>{});
+  if (E <= 64) return f(integral_constant<int, 2>{}, integral_constant<int, 32>{});
+  if (E <= 128) return f(integral_constant<int, 4>{}, integral_constant<int, 32>{});
+  if (E <= kMaxExperts) return f(integral_constant<int, 8>{}, integral_constant<int, 32>{});
+  throw std::runtime_error("upsafe: sparse_route supports at most 256 experts");
 }
 
 }  // namespace
 
 long long route_cuda_workspace_elems(long long T, int E) {
-  return ((T + kTileTokens - 1) / kTileTokens) * (E + 1);
+  return ((T + kTileTokens - 1) / kTileTokens) * (E + 1) + (E + 1);  // bucket-major tile histogram + totals
 }
 
 void route_cuda(const RouteParams& p, int32_t* workspace, void* stream_ptr) {
@@ -285,17 +343,21 @@ void route_cuda(const RouteParams& p, int32_t* workspace, void* stream_ptr) {
     check_cuda(cudaMemsetAsync(p.offsets, 0, sizeof(int32_t) * p.E, stream), "sparse_route");
     return;
   }
-  if (p.E > kMaxExperts) throw std::runtime_error("upsafe: sparse_route supports at most 256 experts");
   const int n_tiles = ceil_div(p.T, kTileTokens);
-  UPSAFE_DISPATCH_FLOAT(p.dtype, scalar_t, [&] {
-    with_row_vec<scalar_t>(p.E, p.logits, [&](auto v) {
-      route_kernel<scalar_t, decltype(v)::value><<<n_tiles, kTileTokens, 0, stream>>>(p, workspace);
+  const int B = p.E + 1;
+  int32_t* hist = workspace;
+  int32_t* totals = workspace + (long long)n_tiles * B;
+  dispatch_shape(p.E, [&](auto vpt, auto lanes) {
+    constexpr int VPT = decltype(vpt)::value, LANES = decltype(lanes)::value;
+    constexpr int kThreads = (kTileTokens * LANES < 1024) ? kTileTokens * LANES : 1024;
+    UPSAFE_DISPATCH_FLOAT(p.dtype, scalar_t, [&] {
+      route_kernel<scalar_t, VPT, LANES><<<n_tiles, kThreads, 0, stream>>>(p, hist, n_tiles);
     });
   });
   check_launch("sparse_route (route_kernel)");
-  scan_kernel<<<1, kScanThreads, 0, stream>>>(p, workspace, n_tiles);
-  check_launch("sparse_route (scan_kernel)");
-  permute_kernel<<<n_tiles, kTileTokens, 0, stream>>>(p, workspace);
+  colscan_kernel<<<ceil_div(B, 8), 256, 0, stream>>>(hist, totals, B, n_tiles);
+  check_launch("sparse_route (colscan_kernel)");
+  permute_kernel<<<n_tiles, kPermuteThreads, 0, stream>>>(p, hist, totals, n_tiles);
   check_launch("sparse_route (permute_kernel)");
 }
 
@@ -303,10 +365,7 @@ void route_backward_cuda(const RouteBackwardParams& p, void* stream_ptr) {
   auto stream = static_cast<cudaStream_t>(stream_ptr);
   if (p.T == 0) return;
   UPSAFE_DISPATCH_FLOAT(p.dtype, scalar_t, [&] {
-    with_row_vec<scalar_t>(p.E, p.logits, [&](auto v) {
-      route_backward_kernel<scalar_t, decltype(v)::value>
-          <<<ceil_div(p.T, kTileTokens), kTileTokens, 0, stream>>>(p);
-    });
+    route_backward_kernel<scalar_t><<<ceil_div(p.T, kTileTokens), kTileTokens, 0, stream>>>(p);
   });
   check_launch("sparse_route_backward");
 }
