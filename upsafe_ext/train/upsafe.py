@@ -1,0 +1,195 @@
+"""UpSafe°C two-stage SFT.
+
+Stage 1 trains the safety experts (and optionally the router) on harmful prompts -> refusals.
+  route="safety" (default, ours): τ=1 sends every token through the safety experts, so they learn the
+  refusal behaviour directly; the router is left to stage 2. route="router": the router chooses
+  (paper-faithful) and a Switch-Transformer load-balancing loss keeps the experts in use.
+Stage 2 trains only the router on harmful (-> refusal) and benign (-> the base model's own answer)
+prompts at τ=0.5, with the LM loss plus a router-supervision loss: binary cross-entropy of the
+router's total safety-expert probability against the prompt's harmful/benign label, over the
+assistant-turn positions (the generation prompt and the response). With top-1 routing the LM loss
+gives the router no gradient toward experts it did not pick, which is why the supervision term exists.
+Everything not trained in a stage is frozen, and frozen weights stay bitwise unchanged.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..upcycle.model import safety_moe_modules, safety_temperature
+from .sft import IGNORE_INDEX, SFTCollator, encode_sft, render_chat, run_sft
+
+
+def _messages(prompt: str, system: str | None):
+    return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+
+
+def generation_prompt_length(tokenizer, system: str | None = None) -> int:
+    """Tokens the chat template adds for the assistant turn's header (supervised for the router)."""
+    msgs = _messages("x", system)
+    with_gen = tokenizer(render_chat(tokenizer, msgs, True), add_special_tokens=False)["input_ids"]
+    without = tokenizer(render_chat(tokenizer, msgs, False), add_special_tokens=False)["input_ids"]
+    return max(1, len(with_gen) - len(without))
+
+
+def make_examples(tokenizer, prompts: Sequence[str], responses: Sequence[str], harmful: bool, *,
+                  system: str | None = None, max_length: int = 256) -> list[dict]:
+    """SFT examples (assistant-only labels) with `harmful` and `sup_from` (first router-supervised position)."""
+    if len(prompts) != len(responses):
+        raise ValueError(f"make_examples: {len(prompts)} prompts but {len(responses)} responses")
+    g = generation_prompt_length(tokenizer, system)
+    out = []
+    for p, r in zip(prompts, responses):
+        ex = encode_sft(tokenizer, _messages(p, system), r, max_length=max_length)
+        first = next((i for i, lab in enumerate(ex["labels"]) if lab != IGNORE_INDEX), len(ex["labels"]))
+        ex["harmful"] = int(bool(harmful))
+        ex["sup_from"] = max(0, first - g)
+        out.append(ex)
+    return out
+
+
+def default_refusals(prompts: Sequence[str], seed: int = 0) -> list[str]:
+    from ..eval.prompts import refusal_response
+
+    return [refusal_response(p, seed=seed) for p in prompts]
+
+
+def router_losses(model, batch: dict, *, lb_coef: float = 0.0, sup_coef: float = 0.0) -> torch.Tensor | None:
+    """Switch-Transformer load balancing (E · Σ_e f_e P_e) and router supervision, averaged over the
+    SafetyMoE layers of the last forward pass (their `router_logits`)."""
+    mods = [m for _, m in safety_moe_modules(model) if m.router_logits is not None]
+    if not mods or (lb_coef == 0 and sup_coef == 0):
+        return None
+    mask = batch["attention_mask"].bool()
+    total = 0.0
+    for m in mods:
+        probs = torch.softmax(m.router_logits / m.router_temperature, dim=-1)  # [B, S, E]
+        if lb_coef:
+            E = probs.shape[-1]
+            top1 = F.one_hot(probs.argmax(-1), E).float()[mask]
+            total = total + lb_coef * E * (top1.mean(0) * probs[mask].mean(0)).sum()
+        if sup_coef:
+            if "harmful" not in batch or "sup_from" not in batch:
+                raise ValueError("router_losses: router supervision needs `harmful` and `sup_from` in the batch")
+            pos = torch.arange(probs.shape[1], device=probs.device)[None, :]
+            sup = mask & (pos >= batch["sup_from"][:, None])
+            p_safety = probs[..., 1:].sum(-1).clamp(1e-6, 1 - 1e-6)
+            target = batch["harmful"].float()[:, None].expand_as(p_safety)
+            total = total + sup_coef * F.binary_cross_entropy(p_safety[sup], target[sup])
+    return total / len(mods)
+
+
+@contextlib.contextmanager
+def train_only(model, params):
+    """Freeze everything except `params` for the duration; restores the requires_grad flags after."""
+    keep = {id(p) for p in params}
+    before = {n: p.requires_grad for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in keep)
+    try:
+        yield
+    finally:
+        for n, p in model.named_parameters():
+            p.requires_grad_(before[n])
+
+
+def stage_parameters(model, stage: int, route: str = "safety") -> list[torch.nn.Parameter]:
+    mods = [m for _, m in safety_moe_modules(model)]
+    if not mods:
+        raise ValueError("UpSafe training: the model has no SafetyMoE layers (call upcycle_ first)")
+    if stage == 1:
+        ps = [p for m in mods for p in m.safety_parameters()]
+        if route == "router":
+            ps += [p for m in mods for p in m.router_parameters()]
+        return ps
+    if stage == 2:
+        return [p for m in mods for p in m.router_parameters()]
+    raise ValueError(f"stage must be 1 or 2, got {stage}")
+
+
+def stage1(model, tokenizer, harmful: Sequence[str], *, responses: Sequence[str] | None = None,
+           route: str = "safety", lr: float = 1e-4, weight_decay: float = 0.0, batch_size: int = 8,
+           epochs: float = 1.0, max_steps: int | None = None, grad_accum: int = 1, lb_coef: float = 0.01,
+           system: str | None = None, max_length: int = 256, autocast_dtype=None, seed: int = 0,
+           progress: bool = True) -> list[dict]:
+    """Stage 1: safety experts learn harmful prompt -> refusal. Returns the per-step log."""
+    if route not in ("safety", "router"):
+        raise ValueError(f"stage1: `route` must be 'safety' or 'router', got {route!r}")
+    if not harmful:
+        raise ValueError("stage1: `harmful` is empty")
+    responses = list(responses) if responses is not None else default_refusals(harmful, seed)
+    examples = make_examples(tokenizer, harmful, responses, True, system=system, max_length=max_length)
+    params = stage_parameters(model, 1, route)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    extra = (lambda mdl, b, out: router_losses(mdl, b, lb_coef=lb_coef)) if route == "router" else None
+    tau = 1.0 if route == "safety" else 0.5
+    with train_only(model, params), safety_temperature(model, tau):
+        return run_sft(model, examples, optimizer=opt, collator=SFTCollator(_pad_id(tokenizer)), batch_size=batch_size,
+                       epochs=epochs, max_steps=max_steps, grad_accum=grad_accum, extra_loss=extra,
+                       autocast_dtype=autocast_dtype, seed=seed, progress=progress, desc="upsafe stage 1")
+
+
+def stage2(model, tokenizer, harmful: Sequence[str], benign: Sequence[str], *,
+           harmful_responses: Sequence[str] | None = None, benign_responses: Sequence[str] | None = None,
+           lr: float = 1e-3, weight_decay: float = 0.0, batch_size: int = 8, epochs: float = 1.0,
+           max_steps: int | None = None, grad_accum: int = 1, sup_coef: float = 1.0, lb_coef: float = 0.0,
+           system: str | None = None, max_length: int = 256, max_new_tokens: int = 64, autocast_dtype=None,
+           seed: int = 0, progress: bool = True) -> list[dict]:
+    """Stage 2: only the router, on harmful -> refusal and benign -> the base model's own answers
+    (generated at τ=0 when `benign_responses` is None)."""
+    if not harmful or not benign:
+        raise ValueError("stage2: needs both harmful and benign prompts")
+    harmful_responses = list(harmful_responses) if harmful_responses is not None else default_refusals(harmful, seed)
+    if benign_responses is None:
+        from ..eval.generation import chat, generate_chat
+
+        with safety_temperature(model, 0.0):
+            benign_responses = generate_chat(model, tokenizer, [chat(p, system) for p in benign],
+                                             max_new_tokens=max_new_tokens, progress=progress)
+    examples = (make_examples(tokenizer, harmful, harmful_responses, True, system=system, max_length=max_length)
+                + make_examples(tokenizer, benign, benign_responses, False, system=system, max_length=max_length))
+    params = stage_parameters(model, 2)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+    def extra(mdl, b, out):
+        return router_losses(mdl, b, lb_coef=lb_coef, sup_coef=sup_coef)
+
+    with train_only(model, params), safety_temperature(model, 0.5):
+        return run_sft(model, examples, optimizer=opt, collator=SFTCollator(_pad_id(tokenizer)), batch_size=batch_size,
+                       epochs=epochs, max_steps=max_steps, grad_accum=grad_accum, extra_loss=extra,
+                       autocast_dtype=autocast_dtype, seed=seed, progress=progress, desc="upsafe stage 2")
+
+
+def _pad_id(tokenizer) -> int:
+    pid = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pid is None:
+        raise ValueError("UpSafe training: the tokenizer has neither a pad nor an eos token")
+    return pid
+
+
+def upsafe_trainer_class():
+    """An HF `Trainer` subclass that adds the router losses (`lb_coef`, `sup_coef` kwargs).
+
+    Use with `SFTCollator`, examples from `make_examples`, and `train_only(model, stage_parameters(...))`;
+    `remove_unused_columns=False` keeps the `harmful`/`sup_from` columns.
+    """
+    from transformers import Trainer
+
+    class UpSafeTrainer(Trainer):
+        def __init__(self, *args, lb_coef: float = 0.0, sup_coef: float = 0.0, **kw):
+            super().__init__(*args, **kw)
+            self.lb_coef, self.sup_coef = lb_coef, sup_coef
+
+        def compute_loss(self, model, inputs, return_outputs=False, **kw):
+            model_inputs = {k: inputs[k] for k in ("input_ids", "attention_mask", "labels")}
+            out = model(**model_inputs)
+            loss = out.loss
+            extra = router_losses(model, inputs, lb_coef=self.lb_coef, sup_coef=self.sup_coef)
+            if extra is not None:
+                loss = loss + extra
+            return (loss, out) if return_outputs else loss
+
+    return UpSafeTrainer

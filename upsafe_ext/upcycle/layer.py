@@ -1,0 +1,182 @@
+"""SafetyMoE: an upcycled MLP = the original MLP (expert 0, frozen) + safety experts + a router.
+
+Runs on our kernels: `sparse_route` (temperature-scaled top-k with the safety-temperature bias) and
+`grouped_expert_mlp` (the original MLP and the safety experts as two weight chunks, so each keeps its
+own requires_grad and nothing is copied per forward).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from ..ops import grouped_expert_mlp, grouped_expert_mlp_reference, sparse_route, sparse_route_reference
+from .config import UpcycleConfig, check_safety_temperature
+from .mlp import MLPWeights
+
+
+def safety_logit(tau: float) -> tuple[float, float]:
+    """(bias on the original MLP, bias on every safety expert) for safety temperature τ.
+
+    Rescaling the router probabilities by (1-τ) for the original MLP and τ for the safety experts,
+    then renormalising, equals adding log(τ/(1-τ)) to the safety logits. τ=0 and τ=1 are the limits:
+    only the original MLP, or only the safety experts.
+    """
+    if tau <= 0.0:
+        return 0.0, -math.inf
+    if tau >= 1.0:
+        return -math.inf, 0.0
+    return 0.0, math.log(tau / (1.0 - tau))
+
+
+class SafetyMoE(nn.Module):
+    """Drop-in replacement for a decoder layer's MLP (input/output ``[..., H]``).
+
+    Parameters (names say what they are, for optimizers and adapters):
+      ``router.weight [E, H]``, ``router.bias [E]``;
+      ``general_in_proj [1, 2I|I, H]``, ``general_out_proj [1, H, I]`` (+ ``general_in_bias``,
+      ``general_out_bias`` for biased MLPs) — the original MLP, frozen unless ``train_general``;
+      ``safety_in_proj [N, 2I|I, H]``, ``safety_out_proj [N, H, I]`` (+ biases) — the safety experts.
+
+    Runtime state: ``safety_temperature`` (float, or a ``[batch]`` tensor for per-request τ),
+    ``last_experts`` (the routing of the last forward, ``[..., k]``, -1 = dropped),
+    ``router_logits`` (kept during training for the auxiliary losses).
+    """
+
+    def __init__(self, base: MLPWeights, config: UpcycleConfig):
+        super().__init__()
+        H = base.w_in.shape[1]
+        N, E = config.num_safety_experts, config.num_experts
+        self.hidden_size = H
+        self.intermediate_size = base.w_out.shape[1]
+        self.gated = base.gated
+        self.activation = base.activation
+        self.num_experts = E
+        self.top_k = config.top_k
+        self.min_weight = config.min_weight
+        self.router_temperature = config.router_temperature
+        dt, dev = base.w_in.dtype, base.w_in.device
+        self.router = nn.Linear(H, E, bias=True, dtype=dt, device=dev)
+        with torch.no_grad():
+            self.router.weight.zero_()
+            self.router.bias.zero_()
+            self.router.bias[0] = config.router_init_margin
+        train_general = bool(config.train_general)
+        self.general_in_proj = nn.Parameter(base.w_in[None].contiguous(), requires_grad=train_general)
+        self.general_out_proj = nn.Parameter(base.w_out[None].contiguous(), requires_grad=train_general)
+
+        def copies(w: Tensor) -> Tensor:
+            w = w[None].repeat(N, *([1] * w.dim())).contiguous()
+            if config.init == "copy+noise" and config.noise_std > 0:
+                w = w + torch.randn_like(w) * config.noise_std * w.float().std().to(w.dtype)
+            return w
+
+        self.safety_in_proj = nn.Parameter(copies(base.w_in))
+        self.safety_out_proj = nn.Parameter(copies(base.w_out))
+        self.has_bias = base.b_in is not None or base.b_out is not None
+        if self.has_bias:
+            b_in = base.b_in if base.b_in is not None else torch.zeros(base.w_in.shape[0], dtype=dt, device=dev)
+            b_out = base.b_out if base.b_out is not None else torch.zeros(H, dtype=dt, device=dev)
+            self.general_in_bias = nn.Parameter(b_in[None].clone(), requires_grad=train_general)
+            self.general_out_bias = nn.Parameter(b_out[None].clone(), requires_grad=train_general)
+            self.safety_in_bias = nn.Parameter(b_in[None].repeat(N, 1).clone())
+            self.safety_out_bias = nn.Parameter(b_out[None].repeat(N, 1).clone())
+        self.dropout = nn.Dropout(base.dropout) if base.dropout > 0 else None
+        self.safety_temperature: float | Tensor = config.safety_temperature
+        self.use_reference = False  # True: pure-PyTorch path (debugging, compiler fallback)
+        self.last_experts: Tensor | None = None
+        self.router_logits: Tensor | None = None
+        self._bias_cache: tuple | None = None
+
+    def extra_repr(self) -> str:
+        return (f"hidden={self.hidden_size}, intermediate={self.intermediate_size}, experts={self.num_experts} "
+                f"(1 original + {self.num_experts - 1} safety), top_k={self.top_k}, act={self.activation}, "
+                f"gated={self.gated}, safety_temperature={self._tau_repr()}")
+
+    def _tau_repr(self):
+        t = self.safety_temperature
+        return f"tensor[{t.numel()}]" if isinstance(t, Tensor) else f"{t:g}"
+
+    # -- safety temperature -> routing bias -------------------------------------------------------------
+    def _routing_bias(self, batch: int, seq: int, device) -> Tensor | None:
+        tau = self.safety_temperature
+        E = self.num_experts
+        if isinstance(tau, Tensor):
+            if tau.numel() != batch:
+                raise ValueError(f"SafetyMoE: a per-request safety temperature has {tau.numel()} entries but the "
+                                 f"batch has {batch} sequences")
+            t = tau.to(device=device, dtype=torch.float32).reshape(batch, 1)
+            gen = torch.where(t >= 1.0, torch.full_like(t, -math.inf), torch.zeros_like(t))
+            saf = torch.where(t >= 1.0, torch.zeros_like(t), torch.log(t) - torch.log1p(-t))
+            per_seq = torch.cat([gen, saf.expand(batch, E - 1)], dim=1)  # [B, E]
+            return per_seq.repeat_interleave(seq, dim=0)  # [B*S, E]
+        if tau == 0.5:
+            return None
+        key = (float(tau), str(device), E)
+        if self._bias_cache is None or self._bias_cache[0] != key:
+            g, s = safety_logit(float(tau))
+            b = torch.full((E,), s, device=device, dtype=torch.float32)  # a fill kernel, no host copy
+            b[0] = g
+            self._bias_cache = (key, b)
+        return self._bias_cache[1]
+
+    def chunks(self):
+        w_in = [self.general_in_proj, self.safety_in_proj]
+        w_out = [self.general_out_proj, self.safety_out_proj]
+        b_in = [self.general_in_bias, self.safety_in_bias] if self.has_bias else None
+        b_out = [self.general_out_bias, self.safety_out_bias] if self.has_bias else None
+        return w_in, w_out, b_in, b_out
+
+    def forward(self, hidden_states: Tensor) -> Tensor:
+        shape = hidden_states.shape
+        x = hidden_states.reshape(-1, shape[-1])
+        batch = shape[0] if len(shape) == 3 else 1
+        seq = x.shape[0] // max(batch, 1)
+        logits = self.router(x).float()
+        bias = self._routing_bias(batch, seq, x.device)
+        route = sparse_route_reference if self.use_reference else sparse_route
+        r = route(logits, self.top_k, temperature=self.router_temperature, bias=bias, min_weight=self.min_weight)
+        w_in, w_out, b_in, b_out = self.chunks()
+        mlp = grouped_expert_mlp_reference if self.use_reference else grouped_expert_mlp
+        out = mlp(x, r, w_in, w_out, self.activation, gated=self.gated, b_in=b_in, b_out=b_out)
+        self.last_experts = r.experts.detach().view(*shape[:-1], self.top_k)
+        self.router_logits = logits.view(*shape[:-1], self.num_experts) if (self.training and torch.is_grad_enabled()) else None
+        if self.dropout is not None:
+            out = self.dropout(out)
+        return out.view(shape)
+
+    # -- what the general expert alone computes (the base model's MLP) -----------------------------------
+    def base_forward(self, hidden_states: Tensor) -> Tensor:
+        """The original MLP alone (exactly what the layer computed before upcycling)."""
+        shape = hidden_states.shape
+        x = hidden_states.reshape(-1, shape[-1])
+        h = x @ self.general_in_proj[0].t()
+        if self.has_bias:
+            h = h + self.general_in_bias[0]
+        I = self.intermediate_size
+        from ..ops.grouped_mlp import _act
+
+        a = _act(self.activation, h[:, :I]) * h[:, I:] if self.gated else _act(self.activation, h)
+        y = a @ self.general_out_proj[0].t()
+        if self.has_bias:
+            y = y + self.general_out_bias[0]
+        return y.view(shape)
+
+    def safety_parameters(self):
+        return [p for n, p in self.named_parameters() if n.startswith("safety_")]
+
+    def router_parameters(self):
+        return list(self.router.parameters())
+
+
+def check_tau_tensor(tau: Tensor) -> Tensor:
+    if tau.dim() != 1 or not tau.is_floating_point():
+        raise ValueError(f"safety temperature tensor must be a 1-D float tensor [batch], got {tuple(tau.shape)} {tau.dtype}")
+    if not torch.compiler.is_compiling() and not bool(((tau >= 0) & (tau <= 1)).all()):
+        raise ValueError("every per-request safety temperature must be in [0, 1] (NaN is not allowed)")
+    return tau.detach()
+
+
+def validate_tau(tau):
+    return check_tau_tensor(tau) if isinstance(tau, Tensor) else check_safety_temperature(tau)
