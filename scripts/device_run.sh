@@ -33,6 +33,7 @@ if [ "$what" = bench ] || [ "$what" = all ]; then
       profile) timeout 60 python3 benchmarks/bench_routing.py --profile --out "$OUT" >> "$LOG" 2>&1; cat "$OUT/profile_routing.md" ;;
       esi) timeout 150 python3 benchmarks/bench_esi.py --out "$OUT" >> "$LOG" 2>&1; tail -3 "$OUT/bench_esi.md" ;;
       grouped) timeout 240 python3 benchmarks/bench_grouped_mlp.py --out "$OUT" >> "$LOG" 2>&1; tail -13 "$OUT/bench_grouped_mlp.md" ;;
+      layer) timeout 120 python3 benchmarks/bench_generate.py --profile-layer --out "$OUT" >> "$LOG" 2>&1; head -40 "$OUT/profile_layer.txt" ;;
       generate) timeout 240 python3 benchmarks/bench_generate.py --out "$OUT" >> "$LOG" 2>&1; tail -8 "$OUT/bench_generate.md" ;;
     esac
     say "bench $b done: $(( $(date +%s) - t0 )) s"

@@ -29,6 +29,7 @@ struct GatherParams {
   const int32_t* offsets;      // [E] inclusive cumulative counts
   const float* scale;          // [T*k] per-slot scale (routing weights) or nullptr
   void* out;                   // [M, H]
+  int32_t* rel_offsets;        // [e_end - e_begin] out: offsets relative to the chunk start, or nullptr
   long long M;
   int H, k, e_begin, e_end;
   DType dtype;

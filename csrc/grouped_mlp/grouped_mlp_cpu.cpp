@@ -45,6 +45,8 @@ inline int chunk_of_expert(const ChunkLayout& L, int e) {
 void gather_cpu(const GatherParams& p) {
   const int start = chunk_start(p.offsets, p.e_begin);
   const int count = p.offsets[p.e_end - 1] - start;
+  if (p.rel_offsets)
+    for (int e = p.e_begin; e < p.e_end; ++e) p.rel_offsets[e - p.e_begin] = p.offsets[e] - start;
   dispatch_cpu(p.dtype, [&](auto tag) {
     using T = decltype(tag);
     const T* x = static_cast<const T*>(p.x);

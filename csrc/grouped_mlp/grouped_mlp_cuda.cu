@@ -54,6 +54,8 @@ __global__ void __launch_bounds__(kRowThreads) gather_kernel(GatherParams p) {
   const int count = p.offsets[p.e_end - 1] - start;
   const T* x = static_cast<const T*>(p.x);
   T* out = static_cast<T*>(p.out);
+  if (p.rel_offsets && blockIdx.x == 0)
+    for (int e = p.e_begin + threadIdx.x; e < p.e_end; e += kRowThreads) p.rel_offsets[e - p.e_begin] = p.offsets[e] - start;
   for (long long r = blockIdx.x; r < count; r += gridDim.x) {
     const int slot = p.permutation[start + r];
     const long long t = slot / p.k;

@@ -138,12 +138,12 @@ struct ChunkRows {
   std::vector<int64_t> host;   // E_c + 1 boundaries (loop path only)
 };
 
+// The first gather of a chunk fills `offs` for chunks after the first (the first uses `offsets` as is).
 ChunkRows chunk_rows(const Ctx& c, int i) {
   ChunkRows r;
   const int e0 = c.layout.first_expert[i], e1 = c.layout.first_expert[i + 1];
   if (c.gmm) {
-    Tensor seg = c.offsets.narrow(0, e0, e1 - e0);
-    r.offs = e0 == 0 ? seg : (seg - c.offsets.narrow(0, e0 - 1, 1)).contiguous();
+    r.offs = e0 == 0 ? c.offsets.narrow(0, e0, e1 - e0) : at::empty({e1 - e0}, c.offsets.options());
   } else {
     const int64_t start = e0 > 0 ? c.host_offsets[e0 - 1] : 0;
     r.host.push_back(0);
@@ -205,9 +205,11 @@ Tensor gemm_tn(const Ctx& c, int i, const Tensor& G, const Tensor& A, const Chun
 }
 
 // ---- row stages, device-switched ---------------------------------------------------------------
-void run_gather(const Ctx& c, int i, const Tensor& src, const float* scale, Tensor& out, Dev stream) {
+void run_gather(const Ctx& c, int i, const Tensor& src, const float* scale, Tensor& out, Dev stream,
+                ChunkRows* rows = nullptr) {
+  int32_t* rel = (rows && c.gmm && c.layout.first_expert[i] > 0) ? rows->offs.data_ptr<int32_t>() : nullptr;
   GatherParams p{src.data_ptr(), c.perm.data_ptr<int32_t>(), c.offsets.data_ptr<int32_t>(), scale, out.data_ptr(),
-                 c.M, static_cast<int>(c.H), static_cast<int>(c.k), c.layout.first_expert[i],
+                 rel, c.M, static_cast<int>(c.H), static_cast<int>(c.k), c.layout.first_expert[i],
                  c.layout.first_expert[i + 1], c.dtype};
   if (stream.cuda) {
 #ifdef UPSAFE_WITH_CUDA
@@ -305,7 +307,7 @@ std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> grouped_expert_mlp(
   for (int i = 0; i < c.n(); ++i) {
     ChunkRows r = chunk_rows(c, i);
     Tensor xc = at::empty({c.M, c.H}, c.x.options());
-    run_gather(c, i, c.x, nullptr, xc, stream);
+    run_gather(c, i, c.x, nullptr, xc, stream, &r);
     Tensor h = gemm_nt(c, xc, c.w_in[i], r);
     Tensor a = at::empty({c.M, c.I}, c.x.options());
     run_activation(c, i, h, nullptr, a, nullptr, stream);
@@ -356,7 +358,7 @@ grouped_expert_mlp_backward(const Tensor& grad_out, const Tensor& x, const Tenso
   for (int i = 0; i < c.n(); ++i) {
     ChunkRows r = chunk_rows(c, i);
     Tensor dy = at::empty({c.M, c.H}, c.x.options());
-    run_gather(c, i, g, c.weights.data_ptr<float>(), dy, stream);  // dy = w * grad_out, permuted
+    run_gather(c, i, g, c.weights.data_ptr<float>(), dy, stream, &r);  // dy = w * grad_out, permuted
     Tensor da = gemm_nn(c, dy, c.w_out[i], r);                     // [M, I]
     Tensor a = at::empty({c.M, c.I}, c.x.options());
     Tensor dh = at::empty({c.M, c.W}, c.x.options());

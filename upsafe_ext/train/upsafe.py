@@ -66,7 +66,7 @@ def router_losses(model, batch: dict, *, lb_coef: float = 0.0, sup_coef: float =
     mask = batch["attention_mask"].bool()
     total = 0.0
     for m in mods:
-        probs = torch.softmax(m.router_logits / m.router_temperature, dim=-1)  # [B, S, E]
+        probs = torch.softmax(m.router_logits.float() / m.router_temperature, dim=-1)  # [B, S, E]
         if lb_coef:
             E = probs.shape[-1]
             top1 = F.one_hot(probs.argmax(-1), E).float()[mask]

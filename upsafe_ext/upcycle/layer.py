@@ -133,7 +133,7 @@ class SafetyMoE(nn.Module):
         x = hidden_states.reshape(-1, shape[-1])
         batch = shape[0] if len(shape) == 3 else 1
         seq = x.shape[0] // max(batch, 1)
-        logits = self.router(x).float()
+        logits = self.router(x)  # bf16/fp16/fp32: sparse_route accumulates in fp32 (no cast kernel)
         bias = self._routing_bias(batch, seq, x.device)
         route = sparse_route_reference if self.use_reference else sparse_route
         r = route(logits, self.top_k, temperature=self.router_temperature, bias=bias, min_weight=self.min_weight)
