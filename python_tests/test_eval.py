@@ -415,21 +415,26 @@ def test_evaluate_safety_plumbing(model64, tok):
 
 
 def test_cli_registers_and_judge_accuracy_prints(capsys):
-    from upsafe_ext import cli
+    import argparse
 
-    parser = cli.build_parser()
+    from upsafe_ext.eval import cli as ecli
+
+    parser = argparse.ArgumentParser(prog="upsafe")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    assert ecli.register(sub) == {"judge-accuracy", "eval-base", "prompt-splits"}
     args = parser.parse_args(["judge-accuracy"])
     assert args.fn(args) == 0
     out = capsys.readouterr().out
     assert "keyword" in out and "harmbench-prefix" in out and "0.740" in out and "0.669" in out
     args = parser.parse_args(["prompt-splits"])
     assert args.fn(args) == 0
-    assert "harmful" in capsys.readouterr().out
+    assert "harmful/advbench" in capsys.readouterr().out
     args = parser.parse_args(["eval-base", "--n", "5", "--max-new-tokens", "8"])
-    assert args.n == 5 and args.split == "test"
-    import argparse
+    assert args.n == 5 and args.split == "test" and args.max_new_tokens == 8
+    args = parser.parse_args(["eval-base", "--n", "0"])
+    with pytest.raises(SystemExit, match="--n must be >= 1"):
+        args.fn(args)
+    # the package CLI picks the module up
+    from upsafe_ext import cli
 
-    from upsafe_ext.eval import cli as ecli
-
-    sub = argparse.ArgumentParser().add_subparsers()
-    assert ecli.register(sub) == {"judge-accuracy", "eval-base", "prompt-splits"}
+    assert "upsafe_ext.eval.cli" in cli.COMMAND_MODULES

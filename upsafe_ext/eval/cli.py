@@ -55,6 +55,10 @@ def _cmd_eval_base(args) -> int:
     from .prompts import benign_prompts, harmful_prompts, overrefusal_prompts
     from .real_model import load_smollm2
 
+    if args.n < 1:
+        raise SystemExit(f"upsafe eval-base: --n must be >= 1, got {args.n}")
+    if args.max_new_tokens < 1 or args.batch_size < 1:
+        raise SystemExit("upsafe eval-base: --max-new-tokens and --batch-size must be >= 1")
     torch.manual_seed(0)
     if args.threads:
         torch.set_num_threads(args.threads)

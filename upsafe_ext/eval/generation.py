@@ -103,8 +103,8 @@ def generate_chat(model, tokenizer, conversations: Sequence[Sequence[dict]], max
     replies: list[str | None] = [None] * len(prompts)
     was_training = model.training
     model.eval()
+    bar = tqdm(total=len(prompts), desc=desc, disable=not progress, leave=False, unit="conv")
     try:
-        bar = tqdm(total=len(prompts), desc=desc, disable=not progress, leave=False, unit="conv")
         for start in range(0, len(order), batch_size):
             idx = order[start: start + batch_size]
             width = max(len(prompts[i]) for i in idx)
@@ -125,8 +125,8 @@ def generate_chat(model, tokenizer, conversations: Sequence[Sequence[dict]], max
                         break
                 replies[i] = tokenizer.decode(toks, skip_special_tokens=True).strip()
             bar.update(len(idx))
-        bar.close()
     finally:
+        bar.close()
         if was_training:
             model.train()
         if padding_side is not None and getattr(tokenizer, "padding_side", None) != padding_side:
