@@ -12,3 +12,6 @@ __all__ += ["save_upcycled", "load_upcycled", "save_safety_adapter", "load_safet
 from .scan import LayerScanReport, scan_safety_layers  # noqa: E402
 
 __all__ += ["LayerScanReport", "scan_safety_layers"]
+from .pipeline import DemoConfig, evaluate_at, plot_pareto, run_demo, sweep_temperature  # noqa: E402
+
+__all__ += ["DemoConfig", "run_demo", "sweep_temperature", "evaluate_at", "plot_pareto"]
