@@ -7,6 +7,7 @@ the base model is the same upcycled model at τ=0, so no second copy is kept.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -16,7 +17,7 @@ from typing import Sequence
 import torch
 
 from .config import UpcycleConfig
-from .model import routing_summary, safety_temperature, upcycle_
+from .model import safety_moe_modules, safety_temperature, upcycle_
 
 
 @dataclass
@@ -65,7 +66,8 @@ def evaluate_at(model, tokenizer, harmful: Sequence[str], benign: Sequence[str],
     from ..eval.metrics import evaluate_safety, mean_kl, over_refusal_rate
 
     t0 = time.time()
-    with safety_temperature(model, tau):
+    upcycled = bool(safety_moe_modules(model))
+    with (safety_temperature(model, tau) if upcycled else contextlib.nullcontext()):
         ev = evaluate_safety(model, tokenizer, harmful, list(benign) + list(overrefusal), max_new_tokens=max_new_tokens,
                              batch_size=batch_size, progress=progress)
         ben_resp = ev["benign_responses"][: len(benign)]
@@ -74,6 +76,9 @@ def evaluate_at(model, tokenizer, harmful: Sequence[str], benign: Sequence[str],
                "over_refusal_edgy": over_refusal_rate(edgy_resp) if edgy_resp else None,
                "n_harmful": len(harmful), "n_benign": len(benign), "n_edgy": len(overrefusal)}
         if base_answers is not None:
+
+            if not upcycled:
+                raise ValueError("evaluate_at: KL to the base needs an upcycled model (the base is its τ=0)")
 
             def reference(input_ids, attention_mask):
                 with safety_temperature(model, 0.0):
@@ -164,7 +169,9 @@ def run_demo(cfg: DemoConfig | None = None, progress: bool = True, model=None, t
     h_test = _take(harmful_prompts("test"), cfg.eval_harmful)
     b_test = _take(benign_prompts("test"), cfg.eval_benign)
     e_test = overrefusal_prompts("test")
-    report = {"config": asdict(cfg), "judge": judge_accuracy()}
+    name = getattr(model.config, "_name_or_path", "") or type(model).__name__
+    report = {"model": os.path.basename(str(name).rstrip("/")) or type(model).__name__, "config": asdict(cfg),
+              "judge": judge_accuracy()}
     say(f"[demo] judge accuracy on PyRIT's human labels: {report['judge']['accuracy']:.3f}")
 
     say("[demo] base model: answers to benign test prompts (the KL reference) and evaluation")
@@ -218,7 +225,7 @@ def run_demo(cfg: DemoConfig | None = None, progress: bool = True, model=None, t
 def format_report(report: dict) -> str:
     b, a = report["base"], report["after"]
     lines = [
-        f"UpSafe°C on SmolLM2-135M-Instruct (upcycled layers {report['scan']['layers']}), test splits:",
+        f"UpSafe°C on {report.get('model', 'the model')} (upcycled layers {report['scan']['layers']}), test splits:",
         f"  refusal judge accuracy on PyRIT human labels: {report['judge']['accuracy']:.3f}",
         "  |                        | base   | upcycled (τ=0.5) |",
         "  |------------------------|--------|------------------|",
