@@ -10,7 +10,8 @@ import torch
 from . import __version__, _ext
 
 OPS = [
-    "sparse_route", "sparse_route_backward",
+    "sparse_route", "sparse_route_backward", "grouped_expert_mlp", "grouped_expert_mlp_backward",
+    "esi_accumulate_", "esi_histogram", "esi_select", "esi_mark_", "esi_sparse_adamw_",
 ]
 
 
