@@ -1,0 +1,289 @@
+"""``upsafe esi {score, select, heatmap, set, spa}``.
+
+    upsafe esi score --model smollm2 --prompts harmful-train --num-prompts 32 --out runs/esi
+    upsafe esi select --scores runs/esi/esi_scores.safetensors --fraction 0.01 --random --out rnd.safetensors
+    upsafe esi heatmap --mask runs/esi/safety_mask.safetensors --out heat.png
+    upsafe esi set --model smollm2 --mask runs/esi/safety_mask.safetensors --steps 40 --eval 48 --out runs/set
+    upsafe esi spa --model runs/set --mask runs/esi/safety_mask.safetensors --steps 200 --out runs/spa
+
+``--model``: a Hugging Face directory, ``smollm2`` (SmolLM2-135M-Instruct from the offline GGUF, see
+``upsafe_ext.eval.load_smollm2``) or ``tiny[-family]`` (a tiny random model for smoke tests).
+``--prompts``: ``harmful-train`` / ``harmful-val`` / ``harmful-test`` / ``benign-<split>`` (the fixed
+offline splits) or a file (.txt one prompt per line, .jsonl with a "prompt" field).
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import torch
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_model(spec: str, dtype: str = "float32", cache_dir: str | None = None):
+    """(model, tokenizer) for a CLI ``--model`` value."""
+    dt = _DTYPES[dtype]
+    if spec == "smollm2":
+        from ..eval import load_smollm2
+
+        return load_smollm2(cache_dir=cache_dir, dtype=dt)
+    if spec == "tiny" or spec.startswith("tiny-"):
+        from ..testing import tiny_causal_lm, tiny_tokenizer
+
+        family = spec.split("-", 1)[1] if "-" in spec else "llama"
+        return tiny_causal_lm(family, dtype=dt), tiny_tokenizer()
+    if not os.path.isdir(spec):
+        raise SystemExit(f"upsafe esi: --model {spec!r} is not a directory, 'smollm2' or 'tiny[-family]'")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(spec, dtype=dt).eval(), AutoTokenizer.from_pretrained(spec)
+
+
+def load_prompts(spec: str, n: int | None = None) -> list[str]:
+    """Prompts for a CLI ``--prompts`` value (first `n`)."""
+    if os.path.isfile(spec):
+        with open(spec, encoding="utf-8") as f:
+            if spec.endswith(".jsonl"):
+                out = [json.loads(line)["prompt"] for line in f if line.strip()]
+            else:
+                out = [line.rstrip("\n") for line in f if line.strip()]
+    else:
+        kind, _, split = spec.partition("-")
+        from .. import eval as ev
+
+        if kind == "harmful":
+            out = ev.harmful_prompts(split or "train")
+        elif kind == "benign":
+            out = ev.benign_prompts(split or "train")
+        else:
+            raise SystemExit(f"upsafe esi: --prompts {spec!r} is neither a file nor harmful-/benign-<split>")
+    if not out:
+        raise SystemExit(f"upsafe esi: --prompts {spec!r} has no prompts")
+    return out[:n] if n else out
+
+
+def _threads(args):
+    if getattr(args, "threads", 0):
+        torch.set_num_threads(args.threads)
+
+
+def _evaluate(model, tok, n: int, max_new_tokens: int, label: str) -> dict:
+    from .. import eval as ev
+
+    t0 = time.time()
+    res = ev.evaluate_safety(model, tok, ev.harmful_prompts("test")[:n], ev.benign_prompts("test")[:n],
+                             max_new_tokens=max_new_tokens, batch_size=16)
+    print(f"[{label}] safety rate on {n} harmful-test prompts: {res['safety_rate']:.3f}   over-refusal on {n} "
+          f"benign-test prompts: {res['over_refusal_rate']:.3f}   (judge {res['judge']}, {time.time() - t0:.0f}s)")
+    return {k: res[k] for k in ("safety_rate", "over_refusal_rate", "n_harmful", "n_benign", "judge")}
+
+
+def _judge_accuracy_line() -> dict:
+    from ..eval import judge_accuracy
+
+    acc = judge_accuracy()
+    print(f"refusal judge accuracy on PyRIT's {acc['n']} labelled replies: {acc['accuracy']:.3f} "
+          f"(precision {acc['precision']:.3f}, recall {acc['recall']:.3f})")
+    return {k: acc[k] for k in ("accuracy", "precision", "recall", "n")}
+
+
+def _objective(args, model, tok):
+    from .objectives import JudgeObjective, RefusalObjective
+
+    if args.objective == "refusal":
+        return RefusalObjective()
+    if not args.guard:
+        raise SystemExit("upsafe esi score: --objective judge needs --guard (a model directory, 'self' or 'tiny')")
+    if args.guard == "self":
+        guard, gtok = load_model(args.model, args.dtype, args.cache_dir)
+    else:
+        guard, gtok = load_model(args.guard, args.dtype, args.cache_dir)
+    template = args.guard_template
+    if template and os.path.isfile(template):
+        with open(template, encoding="utf-8") as f:
+            template = f.read()
+    return JudgeObjective(guard, gtok, safe_token=args.safe_token, unsafe_token=args.unsafe_token,
+                          max_new_tokens=args.max_new_tokens, template=template, tau=args.tau)
+
+
+def _cmd_score(args) -> int:
+    from .config import ESIConfig
+    from .plot import format_summary, plot_heatmap
+    from .scores import compute_esi
+
+    _threads(args)
+    os.makedirs(args.out, exist_ok=True)
+    model, tok = load_model(args.model, args.dtype, args.cache_dir)
+    prompts = load_prompts(args.prompts, args.num_prompts)
+    cfg = ESIConfig(batch_size=args.batch_size, max_length=args.max_length, fraction=args.fraction, seed=args.seed)
+    t0 = time.time()
+    scores = compute_esi(model, tok, prompts, _objective(args, model, tok), config=cfg)
+    t_score = time.time() - t0
+    t0 = time.time()
+    mask = scores.select(args.fraction)
+    t_sel = time.time() - t0
+    p_scores = scores.save(os.path.join(args.out, "esi_scores.safetensors"))
+    p_mask = mask.save(os.path.join(args.out, "safety_mask.safetensors"))
+    p_png = plot_heatmap(mask, os.path.join(args.out, "esi_heatmap.png"))
+    print(f"scored {scores.numel()} weights in {len(scores.names)} tensors on {len(prompts)} prompts in {t_score:.1f}s "
+          f"(mean S = {scores.meta['mean_objective']:.3f}); selected {mask.count()} in {t_sel * 1000:.0f} ms")
+    print(format_summary(mask, args.top))
+    with open(os.path.join(args.out, "esi_summary.json"), "w") as f:
+        from .plot import depth_summary, type_summary
+
+        json.dump({"meta": scores.meta, "count": mask.count(), "numel": mask.numel(), "seconds": t_score,
+                   "types": type_summary(mask), "depth": depth_summary(mask)}, f, indent=2, default=float)
+    print(f"wrote {p_scores}, {p_mask}, {p_png}")
+    return 0
+
+
+def _cmd_select(args) -> int:
+    from .plot import format_summary, plot_heatmap
+    from .scores import ESIScores
+
+    scores = ESIScores.load(args.scores)
+    if args.random:
+        mask = scores.random_mask(args.fraction, seed=args.seed)
+    else:
+        mask = scores.select(args.fraction, largest=not args.smallest)
+    mask.save(args.out)
+    print(format_summary(mask, args.top))
+    if args.heatmap:
+        plot_heatmap(mask, args.heatmap)
+    print(f"wrote {args.out}" + (f", {args.heatmap}" if args.heatmap else ""))
+    return 0
+
+
+def _cmd_heatmap(args) -> int:
+    from .mask import SafetyMask
+    from .plot import format_summary, plot_heatmap
+
+    mask = SafetyMask.load(args.mask)
+    plot_heatmap(mask, args.out, value=args.value)
+    print(format_summary(mask, args.top))
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _train_cmd(args, mode: str) -> int:
+    from .config import SparseTrainConfig
+    from .mask import SafetyMask
+    from .train import run_set, run_spa
+
+    _threads(args)
+    model, tok = load_model(args.model, args.dtype, args.cache_dir)
+    mask = SafetyMask.load(args.mask, model=model)
+    cfg = SparseTrainConfig(lr=args.lr, weight_decay=args.weight_decay, max_steps=args.steps,
+                            batch_size=args.batch_size, max_length=args.max_length, lr_schedule=args.lr_schedule,
+                            train_norm_bias=args.train_norm_bias, seed=args.seed)
+    report: dict = {"mode": mode, "mask": args.mask, "mask_count": mask.count(), "config": cfg.to_dict()}
+    if args.eval:
+        report["judge"] = _judge_accuracy_line()
+        report["before"] = _evaluate(model, tok, args.eval, args.max_new_tokens, "before")
+    t0 = time.time()
+    if mode == "set":
+        prompts = load_prompts(args.prompts, args.num_prompts)
+        res = run_set(model, tok, mask, prompts, config=cfg)
+    else:
+        if args.data:
+            with open(args.data, encoding="utf-8") as f:
+                data = [json.loads(line) for line in f if line.strip()]
+        else:  # self-distillation: the model's own replies to benign prompts (a utility-preserving default)
+            from ..eval import chat, generate_chat
+
+            prompts = load_prompts(args.prompts, args.num_prompts)
+            replies = generate_chat(model, tok, [chat(p) for p in prompts], max_new_tokens=args.max_new_tokens)
+            data = list(zip(prompts, replies))
+        res = run_spa(model, tok, mask, data, config=cfg)
+    report["train_seconds"] = time.time() - t0
+    report["loss_first"], report["loss_last"] = res.log[0]["loss"], res.log[-1]["loss"]
+    report["optimizer_state_bytes"] = res.optimizer.state_nbytes()
+    report["dense_adamw_moment_bytes"] = res.optimizer.dense_adamw_nbytes()
+    print(f"{mode.upper()}: {len(res.log)} steps in {report['train_seconds']:.0f}s, loss {report['loss_first']:.3f} -> "
+          f"{report['loss_last']:.3f}; optimizer state {report['optimizer_state_bytes'] / 1e6:.2f} MB "
+          f"(dense AdamW moments would be {report['dense_adamw_moment_bytes'] / 1e6:.1f} MB)")
+    if args.eval:
+        report["after"] = _evaluate(model, tok, args.eval, args.max_new_tokens, "after")
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        model.save_pretrained(args.out)
+        tok.save_pretrained(args.out)
+        with open(os.path.join(args.out, f"{mode}_report.json"), "w") as f:
+            json.dump(report, f, indent=2, default=float)
+        print(f"wrote {args.out}")
+    return 0
+
+
+def _common(p, model_required: bool = True):
+    p.add_argument("--model", required=model_required, help="model directory, 'smollm2' or 'tiny[-family]'")
+    p.add_argument("--dtype", default="float32", choices=sorted(_DTYPES))
+    p.add_argument("--cache-dir", default=None, help="converted SmolLM2 directory (see upsafe_ext.eval.load_smollm2)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--max-length", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--top", type=int, default=10, help="list this many top parameters")
+
+
+def register(sub) -> set[str]:
+    """Add ``upsafe esi ...`` to the `upsafe` parser; returns the command names."""
+    esi = sub.add_parser("esi", help="ESI: score safety-critical weights, select them, SET / SPA training")
+    esub = esi.add_subparsers(dest="esi_cmd", required=True)
+
+    p = esub.add_parser("score", help="ESI scores of every eligible weight + the top-fraction mask + heatmap")
+    _common(p)
+    p.add_argument("--prompts", default="harmful-train")
+    p.add_argument("--num-prompts", type=int, default=32)
+    p.add_argument("--objective", default="refusal", choices=["refusal", "judge"])
+    p.add_argument("--guard", default=None, help="judge: guard model directory, 'self' or 'tiny'")
+    p.add_argument("--guard-template", default=None, help="judge: format string/file with {prompt} and {response}")
+    p.add_argument("--safe-token", default="safe")
+    p.add_argument("--unsafe-token", default=None)
+    p.add_argument("--tau", type=float, default=0.3, help="judge: Gumbel-softmax temperature")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="judge: greedy reply length")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--fraction", type=float, default=0.01)
+    p.add_argument("--out", required=True, help="output directory")
+    p.set_defaults(fn=_cmd_score)
+
+    p = esub.add_parser("select", help="a mask from saved scores: top / bottom / seeded random")
+    p.add_argument("--scores", required=True)
+    p.add_argument("--fraction", type=float, default=0.01)
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--smallest", action="store_true", help="the lowest scores instead (control)")
+    g.add_argument("--random", action="store_true", help="a seeded random mask of the same size (control)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--top", type=int, default=10)
+    p.add_argument("--heatmap", default=None, help="also write this PNG")
+    p.add_argument("--out", required=True, help="mask .safetensors")
+    p.set_defaults(fn=_cmd_select)
+
+    p = esub.add_parser("heatmap", help="PNG heatmap (layer × q/k/v/o/gate/up/down) of a mask")
+    p.add_argument("--mask", required=True)
+    p.add_argument("--value", default="density", choices=["density", "share"])
+    p.add_argument("--top", type=int, default=10)
+    p.add_argument("--out", required=True)
+    p.set_defaults(fn=_cmd_heatmap)
+
+    for mode, help_ in (("set", "SET: train only the masked weights on harmful -> refusal"),
+                        ("spa", "SPA: fine-tune with the masked weights frozen bit for bit")):
+        p = esub.add_parser(mode, help=help_)
+        _common(p)
+        p.add_argument("--mask", required=True)
+        p.add_argument("--prompts", default="harmful-train" if mode == "set" else "benign-train")
+        p.add_argument("--num-prompts", type=int, default=None)
+        if mode == "spa":
+            p.add_argument("--data", default=None, help="JSONL with prompt/response (default: the model's own "
+                                                        "replies to --prompts)")
+        p.add_argument("--steps", type=int, default=100 if mode == "set" else 1000)
+        p.add_argument("--lr", type=float, default=1e-4)
+        p.add_argument("--weight-decay", type=float, default=0.0)
+        p.add_argument("--batch-size", type=int, default=8)
+        p.add_argument("--lr-schedule", default="constant", choices=["constant", "linear", "cosine"])
+        p.add_argument("--train-norm-bias", action="store_true")
+        p.add_argument("--eval", type=int, default=0, help="judge N harmful-test + N benign-test replies before/after")
+        p.add_argument("--max-new-tokens", type=int, default=48)
+        p.add_argument("--out", default=None, help="save the trained model + report here")
+        p.set_defaults(fn=lambda a, m=mode: _train_cmd(a, m))
+    return {"esi"}
