@@ -74,6 +74,27 @@ struct MarkParams {
   long long n;
 };
 
+#ifdef __CUDACC__
+#define UPSAFE_ESI_HD __host__ __device__ __forceinline__
+#else
+#define UPSAFE_ESI_HD inline
+#endif
+
+// Index of the tensor owning global tile `tile` (or global element `elem`), metas sorted by
+// tile_begin / elem_begin; shared by the CPU and CUDA kernels.
+template <bool BY_ELEMENT, typename Meta>
+UPSAFE_ESI_HD int owner(const Meta* metas, int n, long long key) {
+  int lo = 0, hi = n - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) / 2;
+    const long long begin = BY_ELEMENT ? metas[mid].elem_begin : metas[mid].tile_begin;
+    if (begin <= key) lo = mid; else hi = mid - 1;
+  }
+  return lo;
+}
+template <typename Meta>
+UPSAFE_ESI_HD int tile_owner(const Meta* metas, int n, long long tile) { return owner<false>(metas, n, tile); }
+
 void accumulate_cpu(const MultiParams& p, const TensorMeta* metas);
 void mark_cpu(const MarkParams& p);
 void select_cpu(const MultiParams& p, const TensorMeta* metas);

@@ -1,8 +1,7 @@
 // ESI CPU kernels: the same tile table as CUDA, parallel over tiles, per-range histograms and
 // candidate lists merged under a lock (counts are order-independent; candidates are sorted later).
 #include <ATen/Parallel.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
+#include "../common/cpu_dispatch.h"
 
 #include <cmath>
 #include <cstring>
@@ -16,31 +15,11 @@ namespace upsafe {
 namespace esi {
 namespace {
 
-template <typename F>
-void dispatch_cpu(DType d, F&& f) {
-  switch (d) {
-    case DType::kFloat32: return f(float{});
-    case DType::kFloat16: return f(c10::Half{});
-    case DType::kBFloat16: return f(c10::BFloat16{});
-  }
-  throw std::runtime_error("upsafe: unsupported dtype");
-}
-
 inline uint32_t score_key(float s, bool invert) {
   uint32_t b;
   std::memcpy(&b, &s, 4);
   b &= 0x7fffffffu;
   return invert ? 0x7fffffffu - b : b;
-}
-
-template <typename M>
-int find_tensor(const M* metas, int n, long long tile) {
-  int lo = 0, hi = n - 1;
-  while (lo < hi) {
-    const int mid = (lo + hi + 1) / 2;
-    if (metas[mid].tile_begin <= tile) lo = mid; else hi = mid - 1;
-  }
-  return lo;
 }
 
 }  // namespace
@@ -54,7 +33,7 @@ void accumulate_cpu(const MultiParams& p, const TensorMeta* metas) {
     at::parallel_for(0, p.total_tiles, 1, [&](int64_t t0, int64_t t1) {
       std::vector<unsigned long long> local(hist ? kBins : 0, 0);
       for (int64_t tile = t0; tile < t1; ++tile) {
-        const TensorMeta& m = metas[find_tensor(metas, p.n_tensors, tile)];
+        const TensorMeta& m = metas[tile_owner(metas, p.n_tensors, tile)];
         const long long e0 = (tile - m.tile_begin) * kTile, e1 = std::min<long long>(e0 + kTile, m.n);
         const G* g = static_cast<const G*>(m.grad);
         for (long long i = e0; i < e1; ++i) {
@@ -80,7 +59,7 @@ void select_cpu(const MultiParams& p, const TensorMeta* metas) {
   at::parallel_for(0, p.total_tiles, 1, [&](int64_t t0, int64_t t1) {
     std::vector<unsigned long long> cands;
     for (int64_t tile = t0; tile < t1; ++tile) {
-      const TensorMeta& m = metas[find_tensor(metas, p.n_tensors, tile)];
+      const TensorMeta& m = metas[tile_owner(metas, p.n_tensors, tile)];
       const long long e0 = (tile - m.tile_begin) * kTile, e1 = std::min<long long>(e0 + kTile, m.n);
       for (long long i = e0; i < e1; ++i) {
         const uint32_t key = score_key(m.acc[i], p.invert);
@@ -102,12 +81,8 @@ void select_cpu(const MultiParams& p, const TensorMeta* metas) {
 void mark_cpu(const MarkParams& p) {
   for (long long j = 0; j < p.n; ++j) {
     const long long g = p.indices[j];
-    int lo = 0, hi = p.n_tensors - 1;
-    while (lo < hi) {
-      const int mid = (lo + hi + 1) / 2;
-      if (p.metas[mid].elem_begin <= g) lo = mid; else hi = mid - 1;
-    }
-    p.metas[lo].mask[g - p.metas[lo].elem_begin] = 1;
+    const int t = owner<true>(p.metas, p.n_tensors, g);
+    p.metas[t].mask[g - p.metas[t].elem_begin] = 1;
   }
 }
 
@@ -116,7 +91,7 @@ void sparse_adamw_cpu(const AdamParams& p, const AdamMeta* metas) {
     using T = decltype(tag);
     at::parallel_for(0, p.total_tiles, 1, [&](int64_t t0, int64_t t1) {
       for (int64_t tile = t0; tile < t1; ++tile) {
-        const AdamMeta& m = metas[find_tensor(metas, p.n_tensors, tile)];
+        const AdamMeta& m = metas[tile_owner(metas, p.n_tensors, tile)];
         const long long e0 = (tile - m.tile_begin) * kTile, e1 = std::min<long long>(e0 + kTile, m.n);
         T* param = static_cast<T*>(m.param);
         const T* grad = static_cast<const T*>(m.grad);

@@ -12,15 +12,6 @@ namespace {
 
 constexpr int kThreads = 1024;
 
-__device__ __forceinline__ int find_tensor(const TensorMeta* metas, int n, long long tile) {
-  int lo = 0, hi = n - 1;
-  while (lo < hi) {
-    const int mid = (lo + hi + 1) / 2;
-    if (metas[mid].tile_begin <= tile) lo = mid; else hi = mid - 1;
-  }
-  return lo;
-}
-
 __device__ __forceinline__ uint32_t score_key(float s, bool invert) {
   const uint32_t b = __float_as_uint(s) & 0x7fffffffu;
   return invert ? 0x7fffffffu - b : b;
@@ -59,7 +50,7 @@ __global__ void __launch_bounds__(kThreads) accumulate_kernel(MultiParams p) {
     __syncthreads();
   }
   for (long long tile = blockIdx.x; tile < p.total_tiles; tile += gridDim.x) {
-    const TensorMeta m = p.metas[find_tensor(p.metas, p.n_tensors, tile)];
+    const TensorMeta m = p.metas[tile_owner(p.metas, p.n_tensors, tile)];
     const long long e0 = (tile - m.tile_begin) * kTile;
     const long long e1 = min(e0 + kTile, m.n);
     const G* g = static_cast<const G*>(m.grad);
@@ -116,7 +107,7 @@ __device__ __forceinline__ void consider(const MultiParams& p, float s, long lon
 template <bool VEC>
 __global__ void __launch_bounds__(kThreads) select_kernel(MultiParams p) {
   for (long long tile = blockIdx.x; tile < p.total_tiles; tile += gridDim.x) {
-    const TensorMeta m = p.metas[find_tensor(p.metas, p.n_tensors, tile)];
+    const TensorMeta m = p.metas[tile_owner(p.metas, p.n_tensors, tile)];
     const long long e0 = (tile - m.tile_begin) * kTile;
     const long long e1 = min(e0 + kTile, m.n);
     if (VEC) {
@@ -143,23 +134,14 @@ __global__ void __launch_bounds__(256) mark_kernel(MarkParams p) {
   const long long j = (long long)blockIdx.x * 256 + threadIdx.x;
   if (j >= p.n) return;
   const long long g = p.indices[j];
-  int lo = 0, hi = p.n_tensors - 1;
-  while (lo < hi) {
-    const int mid = (lo + hi + 1) / 2;
-    if (p.metas[mid].elem_begin <= g) lo = mid; else hi = mid - 1;
-  }
-  p.metas[lo].mask[g - p.metas[lo].elem_begin] = 1;
+  const int t = owner<true>(p.metas, p.n_tensors, g);
+  p.metas[t].mask[g - p.metas[t].elem_begin] = 1;
 }
 
 template <typename T>
 __global__ void __launch_bounds__(256) sparse_adamw_kernel(AdamParams p) {
   for (long long tile = blockIdx.x; tile < p.total_tiles; tile += gridDim.x) {
-    int lo = 0, hi = p.n_tensors - 1;
-    while (lo < hi) {
-      const int mid = (lo + hi + 1) / 2;
-      if (p.metas[mid].tile_begin <= tile) lo = mid; else hi = mid - 1;
-    }
-    const AdamMeta m = p.metas[lo];
+    const AdamMeta m = p.metas[tile_owner(p.metas, p.n_tensors, tile)];
     const long long e0 = (tile - m.tile_begin) * kTile;
     const long long e1 = min(e0 + kTile, m.n);
     T* param = static_cast<T*>(m.param);

@@ -1,8 +1,7 @@
 // CPU versions of the grouped-MLP row stages: parallel over rows/tokens, fp32 math, the same
 // formulas (activation_math.h) and summation order as the CUDA kernels.
 #include <ATen/Parallel.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
+#include "../common/cpu_dispatch.h"
 
 #include <stdexcept>
 
@@ -12,16 +11,6 @@
 namespace upsafe {
 namespace grouped_mlp {
 namespace {
-
-template <typename F>
-void dispatch_cpu(DType d, F&& f) {
-  switch (d) {
-    case DType::kFloat32: return f(float{});
-    case DType::kFloat16: return f(c10::Half{});
-    case DType::kBFloat16: return f(c10::BFloat16{});
-  }
-  throw std::runtime_error("upsafe: unsupported dtype");
-}
 
 inline int chunk_start(const int32_t* offsets, int e_begin) { return e_begin > 0 ? offsets[e_begin - 1] : 0; }
 

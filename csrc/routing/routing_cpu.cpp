@@ -1,8 +1,7 @@
 // CPU routing kernel: one token per iteration of an at::parallel_for, fp32 math, then a tiled
 // stable counting sort for the expert permutation (same tiling as the CUDA kernel).
 #include <ATen/Parallel.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
+#include "../common/cpu_dispatch.h"
 
 #include <cmath>
 #include <limits>
@@ -173,16 +172,6 @@ void route_backward_tokens(const RouteBackwardParams& p) {
       }
     }
   });
-}
-
-template <typename F>
-void dispatch_cpu(DType d, F&& f) {
-  switch (d) {
-    case DType::kFloat32: return f(float{});
-    case DType::kFloat16: return f(c10::Half{});
-    case DType::kBFloat16: return f(c10::BFloat16{});
-  }
-  throw std::runtime_error("upsafe: unsupported dtype for CPU routing");
 }
 
 }  // namespace
