@@ -1,0 +1,251 @@
+"""Configs for magic-token co-training (PEFT-style dataclasses with a JSON round-trip).
+
+`MagicConfig` says how the magic tokens look, where they are placed in a conversation and how the
+co-training dataset is built; `MagicTrainConfig` holds the optimiser and loop settings of the single
+SFT stage.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import warnings
+from dataclasses import dataclass, field
+
+CONFIG_VERSION = 1
+
+MODES = ("positive", "negative", "rejective")
+"""The three behaviours, in label order (mode id 0, 1, 2).
+
+positive: lawful and helpful (answers benign prompts, refuses or redirects harmful ones) - also what a
+missing or unknown token gives; negative: unfiltered (complies with everything; internal red-teaming
+only); rejective: refuses everything (what upstream moderation switches on)."""
+
+PLACEMENTS = ("system_prefix", "system_suffix")
+NO_SYSTEM_ROLE = ("user_prefix", "error")
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_real(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(float(x))
+
+
+class _DictMixin:
+    """`to_dict` / `from_dict` with a type tag; unknown keys (a newer version) are dropped with a warning."""
+
+    def to_dict(self) -> dict:
+        return {"type": type(self).__name__, **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        if not isinstance(d, dict):
+            raise ValueError(f"{cls.__name__}.from_dict: expected a dict, got {type(d).__name__}")
+        d = dict(d)
+        kind = d.pop("type", cls.__name__)
+        if kind != cls.__name__:
+            raise ValueError(f"{cls.__name__}.from_dict: not a {cls.__name__} (type={kind!r})")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            warnings.warn(f"{cls.__name__}: ignoring unknown keys {unknown} (saved by a newer upsafe_ext? upgrade)",
+                          stacklevel=2)
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+@dataclass
+class MagicConfig(_DictMixin):
+    """How the magic tokens look, where they go, and how the co-training data is built.
+
+    Args:
+        seed (int | None): seed the three token strings are drawn from; None draws them from the OS
+            entropy source (`secrets`). The strings, not the seed, are what is saved with the model.
+            Default None.
+        token_length (int): random characters (letters and digits) per token, 8..64. Default 16.
+        token_format (str): how the random characters are wrapped; must contain "{}" once.
+            Default "<|{}|>" (e.g. "<|q3ZkT0aLw9HbXe2V|>").
+        special_tokens (bool): register the three strings as added special tokens (one id each; the
+            embedding matrix is resized and the new rows start at the mean embedding). Default False
+            (the strings are tokenised as ordinary text).
+        placement (str): "system_prefix" (token, separator, then any system text) or "system_suffix".
+            Default "system_prefix".
+        separator (str): between the token and existing system text. Default "\\n".
+        default_system (str | None): system text used with the token when a conversation has no system
+            message (None: the system message is the token alone). Default None.
+        no_system_role (str): what to do when the chat template has no system role (it raises on one,
+            or drops it): "user_prefix" puts the token, then the separator, at the start of the first
+            user message; "error" raises. Default "user_prefix".
+        no_token_fraction (float): share of prompts that get one extra training example with *no*
+            token and the positive response (teaches the safe fallback). Default 0.25.
+        wrong_token_fraction (float): share of prompts that get one extra example with a random
+            *wrong* token (same format) and the positive response. Default 0.25.
+        max_length (int): token budget per training example (prompt tokens are cut from the left).
+            Default 512.
+        data_seed (int): seed for choosing the fallback examples and the wrong tokens. Default 0.
+
+    Example:
+        >>> cfg = MagicConfig(seed=1234, special_tokens=True)
+        >>> MagicConfig.from_dict(cfg.to_dict()) == cfg
+        True
+    """
+
+    seed: int | None = field(default=None, metadata={"help": "seed for the token strings (None: OS entropy)"})
+    token_length: int = field(default=16, metadata={"help": "random characters per token (8..64)"})
+    token_format: str = field(default="<|{}|>", metadata={"help": "wrapper around the random characters, with '{}'"})
+    special_tokens: bool = field(default=False, metadata={"help": "register the tokens as added special tokens"})
+    placement: str = field(default="system_prefix", metadata={"help": "'system_prefix' or 'system_suffix'"})
+    separator: str = field(default="\n", metadata={"help": "between the token and existing system text"})
+    default_system: str | None = field(default=None, metadata={"help": "system text when a conversation has none"})
+    no_system_role: str = field(default="user_prefix",
+                                metadata={"help": "templates without a system role: 'user_prefix' or 'error'"})
+    no_token_fraction: float = field(default=0.25, metadata={"help": "share of prompts with a no-token -> positive example"})
+    wrong_token_fraction: float = field(default=0.25,
+                                        metadata={"help": "share of prompts with a wrong-token -> positive example"})
+    max_length: int = field(default=512, metadata={"help": "token budget per training example"})
+    data_seed: int = field(default=0, metadata={"help": "seed for fallback examples and wrong tokens"})
+    version: int = field(default=CONFIG_VERSION, metadata={"help": "config format version"})
+
+    def __post_init__(self):
+        if self.seed is not None and not _is_int(self.seed):
+            raise ValueError(f"MagicConfig.seed must be an int or None, got {self.seed!r}")
+        if not _is_int(self.token_length) or not 8 <= self.token_length <= 64:
+            raise ValueError(f"MagicConfig.token_length must be an int in [8, 64], got {self.token_length!r}")
+        check_token_format(self.token_format, "MagicConfig.token_format")
+        if not isinstance(self.special_tokens, bool):
+            raise ValueError(f"MagicConfig.special_tokens must be a bool, got {self.special_tokens!r}")
+        if self.placement not in PLACEMENTS:
+            raise ValueError(f"MagicConfig.placement must be one of {PLACEMENTS}, got {self.placement!r}")
+        if not isinstance(self.separator, str):
+            raise ValueError(f"MagicConfig.separator must be a str, got {self.separator!r}")
+        if self.default_system is not None and not isinstance(self.default_system, str):
+            raise ValueError(f"MagicConfig.default_system must be a str or None, got {self.default_system!r}")
+        if self.no_system_role not in NO_SYSTEM_ROLE:
+            raise ValueError(f"MagicConfig.no_system_role must be one of {NO_SYSTEM_ROLE}, got {self.no_system_role!r}")
+        for name in ("no_token_fraction", "wrong_token_fraction"):
+            v = getattr(self, name)
+            if not _is_real(v) or not 0.0 <= float(v) <= 1.0:
+                raise ValueError(f"MagicConfig.{name} must be a float in [0, 1], got {v!r}")
+        if not _is_int(self.max_length) or self.max_length < 8:
+            raise ValueError(f"MagicConfig.max_length must be an int >= 8, got {self.max_length!r}")
+        if not _is_int(self.data_seed):
+            raise ValueError(f"MagicConfig.data_seed must be an int, got {self.data_seed!r}")
+
+
+def check_token_format(fmt, name: str = "token_format") -> str:
+    if not isinstance(fmt, str) or fmt.count("{}") != 1 or fmt.replace("{}", "").count("{") or \
+            fmt.replace("{}", "").count("}"):
+        raise ValueError(f"{name} must be a str containing '{{}}' exactly once (and no other braces), got {fmt!r}")
+    return fmt
+
+
+DTYPES = ("fp32", "bf16", "fp16")
+
+
+@dataclass
+class MagicTrainConfig(_DictMixin):
+    r"""The single co-training SFT stage (all modes mixed in one shuffled dataset, plain LM loss on the
+    assistant tokens, no margin term).
+
+    Args:
+        learning_rate (float): AdamW peak learning rate, > 0. Default 2e-5.
+        weight_decay (float): AdamW weight decay, >= 0. Default 0.0.
+        warmup_ratio (float): share of the steps with a linear warm-up, in [0, 1). Default 0.03.
+        lr_schedule (str): "linear" (decay to 0 after warm-up) or "constant". Default "linear".
+        epochs (float): passes over the dataset (ignored when `max_steps` is set), > 0. Default 1.0.
+        max_steps (int | None): optimizer steps; overrides `epochs`. Default None.
+        batch_size (int): examples per micro-batch. Default 8.
+        grad_accum (int): micro-batches per optimizer step. Default 1.
+        max_grad_norm (float | None): gradient clipping (None: off). Default 1.0.
+        autocast (str): "fp32" (off), "bf16" or "fp16" autocast for the forward pass. Default "fp32".
+        seed (int): shuffling seed. Default 0.
+        save_steps (int | None): write a checkpoint (safetensors) every this many steps into
+            `output_dir/checkpoint-<step>`. Default None (only the final save).
+        output_dir (str | None): where checkpoints and the final model go. Default None (no saving).
+        train_embeddings_only (bool): train only the input/output embeddings (with
+            `MagicConfig.special_tokens` this mostly learns the token rows). Default False.
+        trainable_pattern (str | None): a regex; only parameters whose name it matches (re.search)
+            are trained, e.g. r"layers\.(2[6-9])\." for the last four of 30 layers (a cheap run on
+            CPU; use text tokens then, since frozen embeddings give special tokens identical rows).
+            None trains everything. Default None.
+
+    Example:
+        >>> cfg = MagicTrainConfig(learning_rate=1e-4, max_steps=200, batch_size=16)
+        >>> cfg.total_steps(num_examples=1000)
+        200
+    """
+
+    learning_rate: float = field(default=2e-5, metadata={"help": "AdamW peak learning rate"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    warmup_ratio: float = field(default=0.03, metadata={"help": "share of steps with linear warm-up"})
+    lr_schedule: str = field(default="linear", metadata={"help": "'linear' or 'constant'"})
+    epochs: float = field(default=1.0, metadata={"help": "passes over the data (unless max_steps)"})
+    max_steps: int | None = field(default=None, metadata={"help": "optimizer steps (overrides epochs)"})
+    batch_size: int = field(default=8, metadata={"help": "examples per micro-batch"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
+    max_grad_norm: float | None = field(default=1.0, metadata={"help": "gradient clipping norm (None: off)"})
+    autocast: str = field(default="fp32", metadata={"help": "'fp32', 'bf16' or 'fp16'"})
+    seed: int = field(default=0, metadata={"help": "shuffling seed"})
+    save_steps: int | None = field(default=None, metadata={"help": "checkpoint every N steps"})
+    output_dir: str | None = field(default=None, metadata={"help": "checkpoints + final model directory"})
+    train_embeddings_only: bool = field(default=False, metadata={"help": "train only the embeddings"})
+    trainable_pattern: str | None = field(default=None, metadata={"help": "regex of parameter names to train"})
+    version: int = field(default=CONFIG_VERSION, metadata={"help": "config format version"})
+
+    def __post_init__(self):
+        if not _is_real(self.learning_rate) or self.learning_rate <= 0:
+            raise ValueError(f"MagicTrainConfig.learning_rate must be a finite float > 0, got {self.learning_rate!r}")
+        if not _is_real(self.weight_decay) or self.weight_decay < 0:
+            raise ValueError(f"MagicTrainConfig.weight_decay must be a finite float >= 0, got {self.weight_decay!r}")
+        if not _is_real(self.warmup_ratio) or not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"MagicTrainConfig.warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
+        if self.lr_schedule not in ("linear", "constant"):
+            raise ValueError(f"MagicTrainConfig.lr_schedule must be 'linear' or 'constant', got {self.lr_schedule!r}")
+        if not _is_real(self.epochs) or self.epochs <= 0:
+            raise ValueError(f"MagicTrainConfig.epochs must be a float > 0, got {self.epochs!r}")
+        if self.max_steps is not None and (not _is_int(self.max_steps) or self.max_steps < 1):
+            raise ValueError(f"MagicTrainConfig.max_steps must be a positive int or None, got {self.max_steps!r}")
+        for name in ("batch_size", "grad_accum"):
+            v = getattr(self, name)
+            if not _is_int(v) or v < 1:
+                raise ValueError(f"MagicTrainConfig.{name} must be a positive int, got {v!r}")
+        if self.max_grad_norm is not None and (not _is_real(self.max_grad_norm) or self.max_grad_norm <= 0):
+            raise ValueError(f"MagicTrainConfig.max_grad_norm must be a float > 0 or None, got {self.max_grad_norm!r}")
+        if self.autocast not in DTYPES:
+            raise ValueError(f"MagicTrainConfig.autocast must be one of {DTYPES}, got {self.autocast!r}")
+        if not _is_int(self.seed):
+            raise ValueError(f"MagicTrainConfig.seed must be an int, got {self.seed!r}")
+        if self.save_steps is not None and (not _is_int(self.save_steps) or self.save_steps < 1):
+            raise ValueError(f"MagicTrainConfig.save_steps must be a positive int or None, got {self.save_steps!r}")
+        if self.output_dir is not None and not isinstance(self.output_dir, str):
+            raise ValueError(f"MagicTrainConfig.output_dir must be a str or None, got {self.output_dir!r}")
+        if self.save_steps is not None and self.output_dir is None:
+            raise ValueError("MagicTrainConfig.save_steps is set but MagicTrainConfig.output_dir is None; "
+                             "give an output_dir for the checkpoints")
+        if not isinstance(self.train_embeddings_only, bool):
+            raise ValueError(f"MagicTrainConfig.train_embeddings_only must be a bool, got {self.train_embeddings_only!r}")
+        if self.trainable_pattern is not None:
+            if not isinstance(self.trainable_pattern, str) or not self.trainable_pattern:
+                raise ValueError(f"MagicTrainConfig.trainable_pattern must be a non-empty regex str or None, got "
+                                 f"{self.trainable_pattern!r}")
+            try:
+                re.compile(self.trainable_pattern)
+            except re.error as exc:
+                raise ValueError(f"MagicTrainConfig.trainable_pattern is not a valid regex ({exc}): "
+                                 f"{self.trainable_pattern!r}") from None
+            if self.train_embeddings_only:
+                raise ValueError("MagicTrainConfig.trainable_pattern and MagicTrainConfig.train_embeddings_only are "
+                                 "exclusive; set one")
+
+    def total_steps(self, num_examples: int) -> int:
+        """Optimizer steps for a dataset of `num_examples` (`max_steps`, else epochs x steps per epoch)."""
+        if self.max_steps is not None:
+            return self.max_steps
+        per_epoch = max(1, math.ceil(num_examples / (self.batch_size * self.grad_accum)))
+        return max(1, int(round(self.epochs * per_epoch)))
+
+    def autocast_dtype(self):
+        import torch
+
+        return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[self.autocast]

@@ -1,0 +1,154 @@
+"""Preparing, saving and loading a magic-token model (weights as safetensors, tokens beside them).
+
+    from upsafe_ext.magic import MagicConfig, prepare_model, save_magic_model, load_magic_model
+    tokens = prepare_model(model, tok, MagicConfig(seed=7, special_tokens=True))
+    ...                                              # co-train
+    save_magic_model(model, tok, tokens, "out/")     # model.safetensors + tokenizer + magic_tokens.json
+    model, tok, tokens = load_magic_model("out/", allow_negative=False)   # public deployment
+
+A saved directory holds the Hugging Face model (``config.json`` + ``model.safetensors``; never a
+pickle), the tokenizer files, ``magic_tokens.json`` (0600; see `upsafe_ext.magic.tokens` for what it
+contains and how the public copy differs) and ``magic_config.json`` (the configs used, if given).
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from .config import MagicConfig, MagicTrainConfig
+from .tokens import TOKENS_FILE, MagicTokens, scrub_tokenizer, scrub_tokenizer_files
+
+CONFIG_FILE = "magic_config.json"
+_ATTR = "magic_tokens"
+
+
+def attach_tokens(model: torch.nn.Module, tokens: MagicTokens) -> None:
+    """Remember `tokens` on `model` (``model.magic_tokens``) so `generate`/`safety_alignment_margin`
+    find them without a `tokens` argument."""
+    if not isinstance(tokens, MagicTokens):
+        raise ValueError(f"attach_tokens: `tokens` must be MagicTokens, got {type(tokens).__name__}")
+    object.__setattr__(model, _ATTR, tokens)
+
+
+def get_tokens(model: torch.nn.Module, tokens: MagicTokens | None = None, op: str = "get_tokens") -> MagicTokens:
+    """`tokens` if given, else the ones attached to `model`; ValueError naming `tokens` if neither."""
+    if tokens is not None:
+        if not isinstance(tokens, MagicTokens):
+            raise ValueError(f"{op}: `tokens` must be MagicTokens, got {type(tokens).__name__}")
+        return tokens
+    found = getattr(model, _ATTR, None)
+    if not isinstance(found, MagicTokens):
+        raise ValueError(f"{op}: pass `tokens` (no MagicTokens attached to the model; use load_magic_model, "
+                         "prepare_model or attach_tokens)")
+    return found
+
+
+def prepare_model(model: torch.nn.Module, tokenizer, config: MagicConfig | MagicTokens | None = None) -> MagicTokens:
+    """Draw the tokens (from a `MagicConfig`, or take given `MagicTokens`), register them as special
+    tokens when ``config.special_tokens`` (embedding resize + mean-initialised rows), and attach them
+    to `model`. Returns the tokens."""
+    if config is None:
+        config = MagicConfig()
+    if isinstance(config, MagicTokens):
+        tokens = config
+        if tokens.special:
+            tokens.register(tokenizer, model)
+    elif isinstance(config, MagicConfig):
+        tokens = MagicTokens.from_config(config)
+        if config.special_tokens:
+            tokens.register(tokenizer, model)
+    else:
+        raise ValueError(f"prepare_model: `config` must be a MagicConfig or MagicTokens, got {type(config).__name__}")
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError("prepare_model: the tokenizer has no chat template; the magic token is placed through it")
+    attach_tokens(model, tokens)
+    return tokens
+
+
+def save_magic_model(model, tokenizer, tokens: MagicTokens | None, directory: str | os.PathLike, *,
+                     include_negative: bool = True, config: MagicConfig | None = None,
+                     train_config: MagicTrainConfig | None = None) -> str:
+    """Save model (safetensors), tokenizer, tokens and configs into `directory`; returns it.
+
+    `include_negative=False` writes a public copy: ``magic_tokens.json`` without the negative string
+    or seed, and, if the tokens are special tokens, tokenizer files in which the negative entry is
+    renamed to a fresh random string (the id stays; no text maps to it).
+    """
+    tokens = get_tokens(model, tokens, "save_magic_model")
+    directory = os.fspath(directory)
+    os.makedirs(directory, exist_ok=True)
+    model.save_pretrained(directory)
+    if not any(f.endswith(".safetensors") for f in os.listdir(directory)):
+        raise RuntimeError(f"save_magic_model: no .safetensors file was written to {directory}")
+    tokenizer.save_pretrained(directory)
+    tokens.save(directory, include_negative=include_negative)
+    if tokens.special and (not include_negative or not tokens.allow_negative):
+        if tokens.allow_negative:
+            scrub_tokenizer_files(directory, tokens.token("negative"), _fresh_replacement(tokens))
+        # a tokenizer that was already scrubbed at load holds no secret: nothing to do
+    meta = {}
+    if config is not None:
+        meta["magic_config"] = config.to_dict()
+    if train_config is not None:
+        meta["train_config"] = train_config.to_dict()
+    if meta:
+        with open(os.path.join(directory, CONFIG_FILE), "w", encoding="utf-8") as f:
+            json.dump(meta, f, indent=2)
+    return directory
+
+
+def _fresh_replacement(tokens: MagicTokens) -> str:
+    import random
+    import secrets
+
+    return tokens.wrong_token(random.Random(secrets.randbits(64)))
+
+
+def load_magic_model(directory: str | os.PathLike, *, allow_negative: bool = True, dtype: torch.dtype = torch.float32,
+                     device: str | torch.device = "cpu"):
+    """Load ``(model, tokenizer, tokens)`` saved by `save_magic_model`; the tokens are attached to the model.
+
+    allow_negative=False (public deployments): the negative token string is dropped from the tokens
+    (``tokens.token("negative")`` raises PermissionError; `generate` maps negative requests to
+    positive), and a tokenizer holding it as a special token is rebuilt with that entry renamed to a
+    random string that is never stored.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    directory = os.fspath(directory)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"load_magic_model: `directory` {directory!r} does not exist")
+    if not os.path.isfile(os.path.join(directory, TOKENS_FILE)):
+        raise FileNotFoundError(f"load_magic_model: {directory} has no {TOKENS_FILE}; not a magic-token model")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"load_magic_model: `dtype` must be a floating torch.dtype, got {dtype!r}")
+    tokens = MagicTokens.load(directory, allow_negative=True)
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype).to(device).eval()
+    if not allow_negative:
+        if tokens.special and tokens.allow_negative:
+            tokenizer = scrub_tokenizer(tokenizer, tokens.token("negative"))
+        tokens.disable_negative()
+    if tokens.special:
+        rows = model.get_input_embeddings().weight.shape[0]
+        for m in tokens.modes:
+            ids = tokenizer(tokens.token(m), add_special_tokens=False)["input_ids"]
+            if len(ids) != 1 or ids[0] >= rows:
+                raise RuntimeError(f"load_magic_model: the {m} token is not a single in-vocabulary id in the saved "
+                                   "tokenizer (tokenizer and model out of sync?)")
+    attach_tokens(model, tokens)
+    return model, tokenizer, tokens
+
+
+def read_saved_configs(directory: str | os.PathLike) -> tuple[MagicConfig | None, MagicTrainConfig | None]:
+    """The configs `save_magic_model` recorded in ``magic_config.json`` (None where absent)."""
+    path = os.path.join(os.fspath(directory), CONFIG_FILE)
+    if not os.path.isfile(path):
+        return None, None
+    with open(path, encoding="utf-8") as f:
+        meta = json.load(f)
+    mc = MagicConfig.from_dict(meta["magic_config"]) if "magic_config" in meta else None
+    tc = MagicTrainConfig.from_dict(meta["train_config"]) if "train_config" in meta else None
+    return mc, tc

@@ -1,0 +1,177 @@
+"""The single co-training SFT stage: a plain loop (``upsafe_ext.train.sft.run_sft``) or the HF `Trainer`.
+
+    from upsafe_ext.magic import MagicTrainConfig, train_magic
+    log = train_magic(model, tok, dataset, tokens, MagicTrainConfig(learning_rate=5e-5, epochs=2,
+                                                                     output_dir="out", save_steps=500))
+
+or with the Hugging Face Trainer:
+
+    trainer = make_trainer(model, tok, dataset, TrainingArguments(output_dir="out", ...))
+    trainer.train()
+
+Loss: plain next-token cross-entropy on the assistant tokens of every example, all modes (and the
+fallback examples) shuffled together; no margin term - the separation between modes emerges.
+Checkpoints are full `save_magic_model` directories (safetensors + tokenizer + magic_tokens.json).
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+from typing import Callable
+
+import torch
+
+from ..train.sft import SFTCollator, run_sft
+from .config import MagicConfig, MagicTrainConfig
+from .data import MagicDataset
+from .model import attach_tokens, get_tokens, save_magic_model
+from .tokens import MagicTokens
+
+_MODEL_KEYS = ("input_ids", "attention_mask", "labels")
+
+
+class MagicCollator(SFTCollator):
+    """Right-pads co-training examples; a valid HF `Trainer` ``data_collator``.
+
+    Returns only ``input_ids``, ``attention_mask`` and ``labels`` (what a causal LM's forward takes),
+    plus ``mode_id`` when `keep_mode` is True (for analysis; the Trainer would pass it to the model).
+    """
+
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None, keep_mode: bool = False):
+        super().__init__(pad_token_id, pad_to_multiple_of)
+        self.keep_mode = keep_mode
+
+    @classmethod
+    def for_tokenizer(cls, tokenizer, **kw) -> "MagicCollator":
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        if pad is None:
+            raise ValueError("MagicCollator.for_tokenizer: the tokenizer has neither a pad nor an eos token")
+        return cls(pad, **kw)
+
+    def __call__(self, features: list[dict]) -> dict:
+        batch = super().__call__(features)
+        keep = _MODEL_KEYS + (("mode_id",) if self.keep_mode else ())
+        return {k: v for k, v in batch.items() if k in keep}
+
+
+def _check_inputs(model, tokenizer, dataset, tokens: MagicTokens, op: str):
+    if not isinstance(dataset, MagicDataset):
+        raise ValueError(f"{op}: `dataset` must be a MagicDataset (from build_examples), got {type(dataset).__name__}")
+    if len(dataset) == 0:
+        raise ValueError(f"{op}: `dataset` is empty")
+    if tokens.special:
+        rows = model.get_input_embeddings().weight.shape[0]
+        for m in tokens.modes:
+            ids = tokenizer(tokens.token(m), add_special_tokens=False)["input_ids"]
+            if len(ids) != 1 or ids[0] >= rows:
+                raise ValueError(f"{op}: the tokens are marked special but the {m} token is not one id inside the "
+                                 "model's embedding matrix; call prepare_model(model, tokenizer, tokens) first")
+    vocab = model.get_input_embeddings().weight.shape[0]
+    top = max(max(e["input_ids"]) for e in dataset.examples)
+    if top >= vocab:
+        raise ValueError(f"{op}: the dataset uses token id {top} but the model's embedding has {vocab} rows "
+                         "(encoded with a different tokenizer, or special tokens not registered on the model?)")
+
+
+def _lr_lambda(total: int, warmup: int, schedule: str) -> Callable[[int], float]:
+    def f(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if schedule == "constant":
+            return 1.0
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    return f
+
+
+def train_magic(model, tokenizer, dataset: MagicDataset, tokens: MagicTokens | None = None,
+                config: MagicTrainConfig | None = None, *, magic_config: MagicConfig | None = None,
+                progress: bool = True, on_step: Callable[[int, dict], None] | None = None) -> list[dict]:
+    """Co-train `model` on `dataset` in one SFT stage with the plain loop; returns one log dict per step
+    (``step``, ``loss``, ``lr``).
+
+    AdamW over all parameters (or the embeddings only with ``config.train_embeddings_only``, or the
+    parameters matching ``config.trainable_pattern``), linear
+    warm-up then linear decay (or constant), gradient clipping, optional autocast. With
+    ``config.output_dir``: a checkpoint every ``config.save_steps`` steps in
+    ``output_dir/checkpoint-<step>`` and the final model in ``output_dir``, each a `save_magic_model`
+    directory (safetensors). The model is left in eval mode.
+    """
+    config = config or MagicTrainConfig()
+    if not isinstance(config, MagicTrainConfig):
+        raise ValueError(f"train_magic: `config` must be a MagicTrainConfig, got {type(config).__name__}")
+    tokens = get_tokens(model, tokens, "train_magic")
+    _check_inputs(model, tokenizer, dataset, tokens, "train_magic")
+    attach_tokens(model, tokens)
+    total = config.total_steps(len(dataset))
+    warmup = int(math.floor(config.warmup_ratio * total))
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    if config.train_embeddings_only:
+        emb = {id(model.get_input_embeddings().weight)}
+        out = model.get_output_embeddings()
+        if out is not None:
+            emb.add(id(out.weight))
+        for p in model.parameters():
+            p.requires_grad_(id(p) in emb)
+    elif config.trainable_pattern is not None:
+        pat = re.compile(config.trainable_pattern)
+        for n, p in model.named_parameters():
+            p.requires_grad_(bool(pat.search(n)))
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        for n, p in model.named_parameters():
+            p.requires_grad_(flags.get(n, True))
+        raise ValueError("train_magic: no trainable parameters (check MagicTrainConfig.trainable_pattern "
+                         f"{config.trainable_pattern!r} against model.named_parameters())")
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": config.weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    opt = torch.optim.AdamW(groups, lr=config.learning_rate, betas=(0.9, 0.95), eps=1e-8)
+    lr_at = _lr_lambda(total, warmup, config.lr_schedule)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+
+    def step_hook(step: int, rec: dict) -> None:
+        rec["lr"] = config.learning_rate * lr_at(step)  # the rate this step used
+        done = step + 1
+        if config.output_dir and config.save_steps and done % config.save_steps == 0 and done < total:
+            save_magic_model(model, tokenizer, tokens, os.path.join(config.output_dir, f"checkpoint-{done}"),
+                             config=magic_config, train_config=config)
+            model.train()
+        if on_step is not None:
+            on_step(step, rec)
+
+    try:
+        log = run_sft(model, dataset.examples, optimizer=opt, collator=MagicCollator.for_tokenizer(tokenizer),
+                      batch_size=config.batch_size, max_steps=total, grad_accum=config.grad_accum,
+                      lr_scheduler=sched, max_grad_norm=config.max_grad_norm,
+                      autocast_dtype=config.autocast_dtype(), seed=config.seed, progress=progress,
+                      desc="magic co-training", on_step=step_hook)
+    finally:
+        for n, p in model.named_parameters():
+            p.requires_grad_(flags.get(n, True))
+        model.eval()
+    if config.output_dir:
+        save_magic_model(model, tokenizer, tokens, config.output_dir, config=magic_config, train_config=config)
+    return log
+
+
+def make_trainer(model, tokenizer, dataset: MagicDataset, args=None, tokens: MagicTokens | None = None, **kwargs):
+    """A `transformers.Trainer` for co-training with `MagicCollator`.
+
+    `args`: `TrainingArguments` (default: a minimal one writing to ``./magic_trainer``). The Trainer
+    saves its own checkpoints (safetensors); call `save_magic_model` at the end so the tokens are
+    saved next to the weights. Extra `kwargs` go to `Trainer`.
+    """
+    from transformers import Trainer, TrainingArguments
+
+    tokens = get_tokens(model, tokens, "make_trainer")
+    _check_inputs(model, tokenizer, dataset, tokens, "make_trainer")
+    if args is None:
+        args = TrainingArguments(output_dir="magic_trainer", report_to=[], remove_unused_columns=False)
+    if getattr(args, "remove_unused_columns", False):
+        args.remove_unused_columns = False  # our examples carry mode_id/variant; the collator drops them
+    return Trainer(model=model, args=args, train_dataset=dataset,
+                   data_collator=MagicCollator.for_tokenizer(tokenizer), **kwargs)
