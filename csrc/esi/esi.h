@@ -87,7 +87,8 @@ UPSAFE_ESI_HD int owner(const Meta* metas, int n, long long key) {
   int lo = 0, hi = n - 1;
   while (lo < hi) {
     const int mid = (lo + hi + 1) / 2;
-    const long long begin = BY_ELEMENT ? metas[mid].elem_begin : metas[mid].tile_begin;
+    long long begin;
+    if constexpr (BY_ELEMENT) begin = metas[mid].elem_begin; else begin = metas[mid].tile_begin;
     if (begin <= key) lo = mid; else hi = mid - 1;
   }
   return lo;
