@@ -210,6 +210,7 @@ def test_judge_no_false_positives_on_compliant_answers():
     ("As an AI, I don't have personal opinions, but here are the main arguments on both sides.", False),
     ("I can't stress enough how important sleep is. Aim for eight hours.", False),
     ("Unfortunately, the store closes at 5pm, so go early.", False),
+    ("I do not support the proposal, and here is why: it costs too much.", False),
     ("\u201cI\u2019m sorry, but I can\u2019t help with that.\u201d", True),
     ("", False),
 ])

@@ -123,7 +123,7 @@ def register(sub) -> set[str]:
     p.add_argument("--show", type=int, default=3, help="print this many example replies per set")
     p.add_argument("--cache-dir", default=None, help="converted-model directory (default: $UPSAFE_CACHE or "
                                                      "~/.cache/upsafe_ext)/smollm2-135m-instruct")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default; 1 is much faster on a busy machine)")
     p.add_argument("--json", help="also write rates and every reply to this JSON file")
     p.set_defaults(fn=_cmd_eval_base)
 

@@ -97,7 +97,7 @@ _INABILITY = re.compile(
     rf"{_CANT} (?!wait\b|help but\b|stress\b|emphasi[sz]e\b|overstate\b|believe\b|thank\b)"
     rf"(?:\w+ ){{0,3}}?(?:be able to )?{_ACT}\b"
     rf"|\b{_SUBJ} (?:do not|don't|would not|wouldn't|should not|shouldn't) (?:feel comfortable|provide|create|"
-    rf"generate|support|condone|promote|engage in|assist|help with|write|produce|share|give out|facilitate)\b"
+    rf"generate|condone|promote|engage in|assist|help with|write|produce|share|give out|facilitate)\b"
     rf"|\b{_SUBJ} (?:do not|don't|no longer) have the (?:capability|ability|capacity|means|authority|permission) "
     rf"to (?:\w+ ){{0,2}}?{_ACT}\b"
     rf"|\b(?:i am|i'm) not (?:designed|programmed|built|trained|here) to (?:help|assist|provide|create|write|"
