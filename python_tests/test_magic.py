@@ -24,6 +24,16 @@ from upsafe_ext.magic.tokens import TOKENS_FILE
 from upsafe_ext.testing import tiny_causal_lm, tiny_tokenizer
 from upsafe_ext.train.sft import IGNORE_INDEX, render_chat
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """One intra-op thread: on a shared 2-core machine two OpenMP threads ran a tiny-model training step
+    30x slower (measured under load: 3.6 s vs 0.12 s per step)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 NO_SYSTEM_RAISES = (  # Gemma-style: refuses a system message
     "{% for message in messages %}"
     "{% if message['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
@@ -743,3 +753,40 @@ def test_cli_registers_and_runs_end_to_end(tmp_path, capsys):
     with pytest.raises(SystemExit, match="missing field"):
         (tmp_path / "bad.jsonl").write_text(json.dumps({"prompt": "x", "positive": "y"}) + "\n")
         cli.main(["magic", "build-data", "--records", str(tmp_path / "bad.jsonl"), "--out", str(tmp_path / "z.jsonl")])
+
+
+# ---------------------------------------------------------------------------------------------- real model (slow)
+
+@pytest.mark.slow
+def test_smollm2_placement_registration_and_baseline_margin():
+    """SmolLM2-135M-Instruct: the token goes through its own ChatML template (replacing the default
+    system prompt the template injects), special-token registration grows the vocabulary with
+    mean-initialised rows, and the untrained model's margin is the "ignores the token" value: exactly
+    -1/N with identical (mean) token rows, and near it with text tokens. The co-training run itself is
+    `python benchmarks/bench_magic.py --real` (minutes of CPU)."""
+    from upsafe_ext.eval.prompts import benign_prompts, harmful_prompts
+    from upsafe_ext.eval.real_model import load_smollm2
+
+    try:
+        model, tok = load_smollm2(verbose=False)
+    except Exception as exc:  # pragma: no cover - asset not installed
+        pytest.skip(f"SmolLM2 not available: {exc}")
+    prompts = harmful_prompts("test")[:4] + benign_prompts("test")[:4]
+    text_tokens = MagicTokens(seed=21)
+    assert supports_system_role(tok)
+    msgs = text_tokens.apply(tok, [{"role": "user", "content": "hi"}], "rejective")
+    assert render_chat(tok, msgs) == chatml(("system", text_tokens.token("rejective")), ("user", "hi"))
+    assert "SmolLM" in render_chat(tok, [{"role": "user", "content": "hi"}])  # the template's default system
+    base = safety_alignment_margin(model, tok, prompts, batch_size=8, progress=False, tokens=text_tokens)
+    assert -0.3 < base.margin < 0.2, base.margin
+    emb = model.get_input_embeddings().weight.detach().clone()
+    special = MagicTokens(seed=21)
+    new_ids = special.register(tok, model)
+    assert new_ids == [49152, 49153, 49154] and model.get_input_embeddings().weight.shape[0] == 49155
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()  # still tied
+    for i in new_ids:
+        torch.testing.assert_close(model.get_input_embeddings().weight[i], emb.mean(0))
+    res = safety_alignment_margin(model, tok, prompts, batch_size=8, progress=False, tokens=special)
+    assert res.margin == pytest.approx(-1 / len(prompts), abs=1e-4)
+    print(f"\nSmolLM2 untrained margin on {len(prompts)} prompts: text tokens {base.margin:.4f}, "
+          f"special tokens (mean rows) {res.margin:.4f} (= -1/N)")

@@ -309,6 +309,8 @@ def self_distilled_records(model, tokenizer, harmful: Sequence[str], benign: Seq
 
     refusal: ``fn(prompt, seed) -> str``; default ``upsafe_ext.eval.prompts.refusal_response`` (seed 1
     for positive, 2 for rejective, so the phrasings differ). ``meta["harmful"]`` records the label.
+    An empty own answer (the model stopped at once) is replaced by a refusal (seed 3) so that no
+    record has an empty response; ``meta["empty_answer"]`` marks those.
     """
     from ..eval.generation import generate_chat
 
@@ -323,9 +325,11 @@ def self_distilled_records(model, tokenizer, harmful: Sequence[str], benign: Seq
     out = []
     for i, (p, answer) in enumerate(zip(prompts, own)):
         is_harm = i < len(harmful)
-        answer = answer.strip() or refusal(p, 3)
+        meta = {"harmful": is_harm}
+        if not answer.strip():
+            answer, meta["empty_answer"] = refusal(p, 3), True
         out.append(MagicRecord(prompt=p, positive=refusal(p, 1) if is_harm else answer, negative=answer,
-                               rejective=refusal(p, 2), meta={"harmful": is_harm}))
+                               rejective=refusal(p, 2), meta=meta))
     return out
 
 
