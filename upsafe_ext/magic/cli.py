@@ -106,7 +106,10 @@ def _cmd_build_data(args) -> int:
                                              batch_size=args.batch_size)
         else:
             prompts = _read_prompts(args.distill)[: args.limit]
-            records = distill_records(prompts, chat_generator(model, tok, args.max_new_tokens, args.batch_size))
+            try:
+                records = distill_records(prompts, chat_generator(model, tok, args.max_new_tokens, args.batch_size))
+            except ValueError as exc:
+                raise SystemExit(f"upsafe magic build-data: {exc}") from None
     save_records(records, args.out)
     print(f"wrote {len(records)} records to {args.out}")
     return 0
