@@ -110,6 +110,59 @@ def stage_parameters(model, stage: int, route: str = "safety") -> list[torch.nn.
     raise ValueError(f"stage must be 1 or 2, got {stage}")
 
 
+@torch.no_grad()
+def warm_start_routers(model, examples: Sequence[dict], *, batch_size: int = 8, max_positions: int = 20000,
+                       l2: float = 0.1, seed: int = 0, progress: bool = True) -> dict[str, float]:
+    """Initialise every router from a logistic probe on its own input (ours).
+
+    Runs the examples through the model, collects each SafetyMoE's input at the router-supervised
+    positions (assistant header + response) with the example's harmful label, fits a probe per layer
+    (`fit_probe_params`), and sets the router so the safety experts win exactly where the probe says
+    harmful: original-MLP logit 0, every safety expert's logit = the probe logit. Stage 2 then
+    fine-tunes from there. Returns each layer's probe training accuracy.
+    """
+    from tqdm.auto import tqdm
+
+    from ..upcycle.scan import fit_probe_params
+
+    mods = [(n, m) for n, m in safety_moe_modules(model)]
+    feats = {n: [] for n, _ in mods}
+    labels: list[torch.Tensor] = []
+    hooks = [m.register_forward_pre_hook(lambda mod, args, n=n: feats[n].append(args[0].detach()))
+             for n, m in mods]
+    collate = SFTCollator(0)
+    device = next(model.parameters()).device
+    was = model.training
+    model.eval()
+    try:
+        for i in tqdm(range(0, len(examples), batch_size), desc="router warm start", disable=not progress, leave=False):
+            batch = collate(list(examples[i: i + batch_size]))
+            ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+            model(input_ids=ids, attention_mask=mask)
+            pos = torch.arange(ids.shape[1], device=device)[None, :]
+            sup = mask.bool() & (pos >= batch["sup_from"].to(device)[:, None])
+            for n, _ in mods:
+                feats[n][-1] = feats[n][-1][sup].float().cpu()
+            labels.append(batch["harmful"].to(device)[:, None].expand_as(sup)[sup].float().cpu())
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was)
+    y = torch.cat(labels)
+    g = torch.Generator().manual_seed(seed)
+    keep = torch.randperm(len(y), generator=g)[:max_positions]
+    acc = {}
+    for n, m in mods:
+        x = torch.cat(feats[n])[keep]
+        w, b = fit_probe_params(x, y[keep], l2=l2)
+        acc[n] = float((((x @ w + b) > 0).float() == y[keep]).float().mean())
+        m.router.weight.zero_()
+        m.router.bias.zero_()
+        m.router.weight[1:] = w.to(m.router.weight)
+        m.router.bias[1:] = b.to(m.router.bias)
+    return acc
+
+
 def stage1(model, tokenizer, harmful: Sequence[str], *, responses: Sequence[str] | None = None,
            route: str = "safety", lr: float = 1e-4, weight_decay: float = 0.0, batch_size: int = 8,
            epochs: float = 1.0, max_steps: int | None = None, grad_accum: int = 1, lb_coef: float = 0.01,
@@ -136,10 +189,11 @@ def stage2(model, tokenizer, harmful: Sequence[str], benign: Sequence[str], *,
            harmful_responses: Sequence[str] | None = None, benign_responses: Sequence[str] | None = None,
            lr: float = 1e-3, weight_decay: float = 0.0, batch_size: int = 8, epochs: float = 1.0,
            max_steps: int | None = None, grad_accum: int = 1, sup_coef: float = 1.0, lb_coef: float = 0.0,
-           system: str | None = None, max_length: int = 256, max_new_tokens: int = 64, autocast_dtype=None,
-           seed: int = 0, progress: bool = True) -> list[dict]:
+           warm_start: bool = True, system: str | None = None, max_length: int = 256, max_new_tokens: int = 64,
+           autocast_dtype=None, seed: int = 0, progress: bool = True) -> list[dict]:
     """Stage 2: only the router, on harmful -> refusal and benign -> the base model's own answers
-    (generated at τ=0 when `benign_responses` is None)."""
+    (generated at τ=0 when `benign_responses` is None). With `warm_start` (ours, default) every router
+    first gets a logistic-probe initialisation on its own inputs (`warm_start_routers`)."""
     if not harmful or not benign:
         raise ValueError("stage2: needs both harmful and benign prompts")
     harmful_responses = list(harmful_responses) if harmful_responses is not None else default_refusals(harmful, seed)
@@ -151,6 +205,8 @@ def stage2(model, tokenizer, harmful: Sequence[str], benign: Sequence[str], *,
                                              max_new_tokens=max_new_tokens, progress=progress)
     examples = (make_examples(tokenizer, harmful, harmful_responses, True, system=system, max_length=max_length)
                 + make_examples(tokenizer, benign, benign_responses, False, system=system, max_length=max_length))
+    if warm_start:
+        warm_start_routers(model, examples, batch_size=batch_size, seed=seed, progress=progress)
     params = stage_parameters(model, 2)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 

