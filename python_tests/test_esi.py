@@ -173,8 +173,9 @@ def test_refusal_objective_is_the_log_likelihood(tok):
 # --------------------------------------------------------------------------------------------------
 # judge objective
 # --------------------------------------------------------------------------------------------------
-def test_greedy_replies_match_hf_generate(tok):
-    model = tiny_causal_lm("llama")
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma"])
+def test_greedy_replies_match_hf_generate(tok, family):
+    model = tiny_causal_lm(family)
     from upsafe_ext.eval.generation import encode_prompts
 
     ids = encode_prompts(tok, [[{"role": "user", "content": p}] for p in PROMPTS])
@@ -617,7 +618,17 @@ def test_run_set_and_run_spa(tok, llama_scores):
     for n, p in _snapshot(model).items():
         keep = ~mask.dense(n) if n in mask else torch.ones_like(p, dtype=torch.bool)
         assert torch.equal(p[keep], before[n][keep])
+    from upsafe_ext.esi import own_replies
+
+    pairs = own_replies(model, tok, ["Tell me about bread."], max_new_tokens=6, progress=False)
+    assert len(pairs) == 1 and pairs[0][0] == "Tell me about bread." and isinstance(pairs[0][1], str)
+    res = run_set(model, tok, mask, PROMPTS, max_steps=2, lr=1e-3, batch_size=6, progress=False,
+                  retain=[("Tell me about bread.", "Flour, water, salt and yeast.")])
+    assert len(res.log) == 2
     mid = _snapshot(model)
+    for n, p in mid.items():
+        keep = ~mask.dense(n) if n in mask else torch.ones_like(p, dtype=torch.bool)
+        assert torch.equal(p[keep], before[n][keep])
     res2 = run_spa(model, tok, mask, [(p, "Sure, here is an answer.") for p in PROMPTS], max_steps=3, lr=1e-3,
                    progress=False)
     assert len(res2.log) == 3
@@ -683,8 +694,10 @@ def test_cli_score_select_heatmap_set_spa(tmp_path, capsys):
     assert SafetyMask.load(str(tmp_path / "rnd.safetensors")).count() == mask.count()
     assert main(["esi", "heatmap", "--mask", str(out / "safety_mask.safetensors"), "--out", str(tmp_path / "h.png")]) == 0
     assert main(["esi", "set", "--model", "tiny", "--mask", str(out / "safety_mask.safetensors"), "--prompts",
-                 str(prompts), "--steps", "2", "--batch-size", "2", "--out", str(tmp_path / "set")]) == 0
-    assert json.loads((tmp_path / "set" / "set_report.json").read_text())["mask_count"] == mask.count()
+                 str(prompts), "--steps", "2", "--batch-size", "2", "--retain", "2", "--max-new-tokens", "8",
+                 "--out", str(tmp_path / "set")]) == 0
+    report = json.loads((tmp_path / "set" / "set_report.json").read_text())
+    assert report["mask_count"] == mask.count() and "retain" in report  # (a random model may say nothing)
     data = tmp_path / "d.jsonl"
     data.write_text("\n".join(json.dumps({"prompt": p, "response": "Sure."}) for p in PROMPTS))
     assert main(["esi", "spa", "--model", str(tmp_path / "set"), "--mask", str(out / "safety_mask.safetensors"),
@@ -699,10 +712,12 @@ def test_cli_score_select_heatmap_set_spa(tmp_path, capsys):
 # real model (slow tier)
 # --------------------------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_smollm2_esi_set_raises_refusals():
-    """SmolLM2-135M-Instruct on CPU: score on 32 harmful-train prompts, SET on the top-1% weights for
-    40 steps, refusal rate on held-out harmful-test prompts before/after (keyword judge)."""
+def test_smollm2_esi_then_set():
+    """SmolLM2-135M-Instruct on CPU: ESI on 32 harmful-train prompts, the top-1% weights' map, then SET
+    (those weights only, 30 steps, harmful -> refusal plus benign retain data) and the refusal rates on
+    held-out harmful-test / benign-test prompts before and after (keyword judge). ~15-25 min on 2 cores."""
     from upsafe_ext import eval as ev
+    from upsafe_ext.esi import own_replies
     from upsafe_ext.esi.plot import format_summary
 
     try:
@@ -710,15 +725,21 @@ def test_smollm2_esi_set_raises_refusals():
     except Exception as exc:  # pragma: no cover - asset not installed
         pytest.skip(f"SmolLM2 not available: {exc}")
     torch.manual_seed(0)
-    train = ev.harmful_prompts("train")[:32]
-    scores = compute_esi(model, tok, train, batch_size=8, progress=False)
+    scores = compute_esi(model, tok, ev.harmful_prompts("train")[:32], batch_size=8, progress=False)
     mask = scores.select(0.01)
-    assert mask.count() == round(0.01 * scores.numel())
+    assert mask.count() == round(0.01 * scores.numel()) == 1061683
     print(format_summary(mask))
-    held = ev.harmful_prompts("test")[:32]
-    before = ev.evaluate_safety(model, tok, held, [], max_new_tokens=32, progress=False)["safety_rate"]
-    run_set(model, tok, mask, ev.harmful_prompts("train")[:256], max_steps=40, lr=2e-4, batch_size=8,
-            progress=False)
-    after = ev.evaluate_safety(model, tok, held, [], max_new_tokens=32, progress=False)["safety_rate"]
-    print(f"SmolLM2 refusal rate on {len(held)} harmful-test prompts: before {before:.3f}, after SET {after:.3f}")
-    assert after >= before + 0.25
+    types = type_summary(mask)
+    # what we measured: value projections are the densest (~4.4% of v weights vs 1% overall)
+    assert types["v"]["density"] > 2 * mask.fraction and types["v"]["density"] == max(
+        d["density"] for d in types.values())
+    harm, ben = ev.harmful_prompts("test")[:16], ev.benign_prompts("test")[:16]
+    before = ev.evaluate_safety(model, tok, harm, ben, max_new_tokens=32, progress=False)
+    retain = own_replies(model, tok, ev.benign_prompts("train")[:48], max_new_tokens=48, progress=False)
+    res = run_set(model, tok, mask, ev.harmful_prompts("train")[32:160], retain=retain, max_steps=30, lr=5e-5,
+                  batch_size=8, progress=False)
+    after = ev.evaluate_safety(model, tok, harm, ben, max_new_tokens=32, progress=False)
+    print(f"SET loss {res.log[0]['loss']:.3f} -> {res.final_loss:.3f}; refusal on {len(harm)} harmful-test: "
+          f"{before['safety_rate']:.3f} -> {after['safety_rate']:.3f}; on {len(ben)} benign-test: "
+          f"{before['over_refusal_rate']:.3f} -> {after['over_refusal_rate']:.3f}")
+    assert after["safety_rate"] >= before["safety_rate"] + 0.5

@@ -15,10 +15,10 @@ from .mask import SafetyMask
 from .objectives import JudgeObjective, RefusalObjective, build_transfer_matrix
 from .optim import SparseAdamW
 from .scores import ESIScores, compute_esi, eligible_parameters, esi_reference
-from .train import TrainResult, run_set, run_spa
+from .train import TrainResult, own_replies, run_set, run_spa
 
 __all__ = [
     "compute_esi", "ESIScores", "SafetyMask", "SparseAdamW", "RefusalObjective", "JudgeObjective", "ESIConfig",
     "SparseTrainConfig", "DEFAULT_EXCLUDE", "build_transfer_matrix", "eligible_parameters", "esi_reference",
-    "run_set", "run_spa", "TrainResult",
+    "run_set", "run_spa", "own_replies", "TrainResult",
 ]

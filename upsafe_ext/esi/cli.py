@@ -170,7 +170,7 @@ def _cmd_heatmap(args) -> int:
 def _train_cmd(args, mode: str) -> int:
     from .config import SparseTrainConfig
     from .mask import SafetyMask
-    from .train import run_set, run_spa
+    from .train import own_replies, run_set, run_spa
 
     _threads(args)
     model, tok = load_model(args.model, args.dtype, args.cache_dir)
@@ -185,17 +185,19 @@ def _train_cmd(args, mode: str) -> int:
     t0 = time.time()
     if mode == "set":
         prompts = load_prompts(args.prompts, args.num_prompts)
-        res = run_set(model, tok, mask, prompts, config=cfg)
+        retain = None
+        if args.retain:  # benign-train prompts with the model's own replies, collected before training
+            retain = own_replies(model, tok, load_prompts("benign-train", args.retain),
+                                 max_new_tokens=args.max_new_tokens)
+            report["retain"] = len(retain)
+        res = run_set(model, tok, mask, prompts, config=cfg, retain=retain)
     else:
         if args.data:
             with open(args.data, encoding="utf-8") as f:
                 data = [json.loads(line) for line in f if line.strip()]
         else:  # self-distillation: the model's own replies to benign prompts (a utility-preserving default)
-            from ..eval import chat, generate_chat
-
-            prompts = load_prompts(args.prompts, args.num_prompts)
-            replies = generate_chat(model, tok, [chat(p) for p in prompts], max_new_tokens=args.max_new_tokens)
-            data = list(zip(prompts, replies))
+            data = own_replies(model, tok, load_prompts(args.prompts, args.num_prompts),
+                               max_new_tokens=args.max_new_tokens)
         res = run_spa(model, tok, mask, data, config=cfg)
     report["train_seconds"] = time.time() - t0
     report["loss_first"], report["loss_last"] = res.log[0]["loss"], res.log[-1]["loss"]
@@ -273,6 +275,9 @@ def register(sub) -> set[str]:
         p.add_argument("--mask", required=True)
         p.add_argument("--prompts", default="harmful-train" if mode == "set" else "benign-train")
         p.add_argument("--num-prompts", type=int, default=None)
+        if mode == "set":
+            p.add_argument("--retain", type=int, default=0, help="mix in N benign-train prompts with the model's own "
+                                                                "replies (ours; holds over-refusal down)")
         if mode == "spa":
             p.add_argument("--data", default=None, help="JSONL with prompt/response (default: the model's own "
                                                         "replies to --prompts)")

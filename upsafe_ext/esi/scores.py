@@ -165,7 +165,7 @@ class ESIScores(Mapping):
     """ESI scores: a mapping parameter name -> fp32 score tensor of the parameter's shape.
 
     Under torch.distributed each rank holds only its shard: ``scores[name]`` is the local piece (FSDP2:
-    rows ``[r0, r1)`` of the full tensor, flattened; DDP: whole tensors, only those this rank owns) and
+    rows ``[r0, r1)`` of the full tensor; DDP: whole tensors, only those this rank owns) and
     `select`, `random_mask`, `full` and `save` are collectives (call them on every rank).
 
     Args:

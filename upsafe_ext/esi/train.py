@@ -1,7 +1,8 @@
 """SET and SPA training loops on top of ``upsafe_ext.train.run_sft``.
 
 * `run_set`: Safety Enhancement Tuning: harmful prompt -> refusal SFT that updates ONLY the masked
-  (top-ESI) weights (~100 steps in the paper).
+  (top-ESI) weights (~100 steps in the paper). Optional `retain` data (**ours**; e.g. benign prompts with
+  the model's own replies from `own_replies`) is mixed in to hold over-refusal down.
 * `run_spa`: Safety Preserving Adaptation: ordinary instruction tuning with the masked weights frozen
   bit for bit (~1000 steps in the paper).
 """
@@ -18,7 +19,7 @@ from .config import SparseTrainConfig
 from .mask import SafetyMask
 from .optim import SparseAdamW
 
-__all__ = ["run_set", "run_spa", "refusal_examples", "sft_examples", "TrainResult"]
+__all__ = ["run_set", "run_spa", "refusal_examples", "sft_examples", "own_replies", "TrainResult"]
 
 
 @dataclass
@@ -85,6 +86,17 @@ def sft_examples(tokenizer, data: Sequence, *, max_length: int = 512, system: st
     return out
 
 
+def own_replies(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 64, batch_size: int = 16,
+                system: str | None = None, progress: bool = True) -> list[tuple[str, str]]:
+    """``(prompt, the model's own greedy reply)`` pairs: self-distillation data that keeps the model's
+    behaviour on `prompts` (benign retain data for SET, or default SPA data)."""
+    from ..eval.generation import generate_chat
+
+    replies = generate_chat(model, tokenizer, [_messages(p, system) for p in prompts], max_new_tokens=max_new_tokens,
+                            batch_size=batch_size, progress=progress, desc="own replies")
+    return [(p, r) for p, r in zip(prompts, replies) if r]
+
+
 def _train(model, tokenizer, mask: SafetyMask, examples: list[dict], mode: str, cfg: SparseTrainConfig,
            desc: str) -> TrainResult:
     from transformers import get_scheduler
@@ -102,8 +114,11 @@ def _train(model, tokenizer, mask: SafetyMask, examples: list[dict], mode: str, 
 
 def run_set(model: torch.nn.Module, tokenizer, mask: SafetyMask, harmful_prompts: Sequence[str], *,
             config: SparseTrainConfig | None = None, refusal: str | Callable[[str], str] | None = None,
-            system: str | None = None, **overrides) -> TrainResult:
+            system: str | None = None, retain: Sequence | None = None, **overrides) -> TrainResult:
     """SET: train only the weights in `mask` on harmful prompt -> refusal (in place).
+
+    `retain`: optional extra SFT data mixed into the same batches (any form `sft_examples` takes), e.g.
+    ``own_replies(model, tok, benign_prompts)`` collected before training.
 
     Example:
         >>> mask = compute_esi(model, tok, prompts).select(0.01)  # doctest: +SKIP
@@ -112,6 +127,8 @@ def run_set(model: torch.nn.Module, tokenizer, mask: SafetyMask, harmful_prompts
     cfg = _resolve(config, overrides, "run_set")
     examples = refusal_examples(tokenizer, harmful_prompts, refusal=refusal, seed=cfg.seed,
                                 max_length=cfg.max_length, system=system)
+    if retain:
+        examples += sft_examples(tokenizer, retain, max_length=cfg.max_length, system=system)
     return _train(model, tokenizer, mask, examples, "set", cfg, "SET")
 
 
