@@ -2,11 +2,11 @@
 with field help, validation naming the field, and a JSON round-trip that tolerates newer versions."""
 from __future__ import annotations
 
-import dataclasses
 import math
 import re
-import warnings
 from dataclasses import dataclass, field
+
+from .._config import SerialisableConfig
 
 CONFIG_VERSION = 1
 
@@ -23,11 +23,9 @@ DEFAULT_EXCLUDE = (
     r"shared_expert_gate",          # Qwen-MoE shared-expert gate
 )
 
-
 def _check_int(name: str, value, lo: int | None = None) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or (lo is not None and value < lo):
         raise ValueError(f"{name} must be an int{f' >= {lo}' if lo is not None else ''}, got {value!r}")
-
 
 def _check_float(name: str, value, lo: float | None = None, hi: float | None = None, lo_open: bool = False,
                  hi_open: bool = False) -> None:
@@ -39,7 +37,6 @@ def _check_float(name: str, value, lo: float | None = None, hi: float | None = N
     if not ok:
         rng = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
         raise ValueError(f"{name} must be a finite float in {rng}, got {value!r}")
-
 
 def _check_patterns(name: str, value) -> tuple:
     if isinstance(value, str) or not isinstance(value, (list, tuple)):
@@ -53,31 +50,8 @@ def _check_patterns(name: str, value) -> tuple:
             raise ValueError(f"{name}: invalid regex {p!r}: {exc}") from None
     return tuple(value)
 
-
-class _Serialisable:
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        for k, v in d.items():
-            if isinstance(v, tuple):
-                d[k] = list(v)
-        return {"type": type(self).__name__, **d}
-
-    @classmethod
-    def from_dict(cls, d: dict):
-        d = dict(d)
-        kind = d.pop("type", cls.__name__)
-        if kind != cls.__name__:
-            raise ValueError(f"{cls.__name__}.from_dict: not a {cls.__name__} (type={kind!r})")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:  # written by a newer upsafe_ext: keep what we understand
-            warnings.warn(f"{cls.__name__}: ignoring unknown keys {unknown} (saved by a newer upsafe_ext? upgrade)",
-                          stacklevel=2)
-        return cls(**{k: v for k, v in d.items() if k in known})
-
-
 @dataclass
-class ESIConfig(_Serialisable):
+class ESIConfig(SerialisableConfig):
     """How `compute_esi` scores weights and how `ESIScores.select` picks them (ESI, arXiv 2604.08297).
 
     ESI_i = σ(W) · |Σ_prompts ∂S/∂θ_i| for every scalar θ_i of each eligible weight tensor W, σ(W) the
@@ -130,9 +104,8 @@ class ESIConfig(_Serialisable):
         if not isinstance(self.progress, bool):
             raise ValueError(f"ESIConfig.progress must be a bool, got {self.progress!r}")
 
-
 @dataclass
-class SparseTrainConfig(_Serialisable):
+class SparseTrainConfig(SerialisableConfig):
     """SET / SPA training with `SparseAdamW` (see `upsafe_ext.esi.train.run_set` / `run_spa`).
 
     Args:

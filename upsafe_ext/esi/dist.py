@@ -29,7 +29,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from ..ops.esi import _IDX_MASK, NUM_BINS, esi_histogram
+from ..ops.esi import _IDX_MASK, NUM_BINS, esi_histogram, threshold_bin
 
 __all__ = ["world", "unwrap_model", "local_tensor", "shard_row_range", "ShardLayout", "distributed_select",
            "all_gather_varlen", "all_reduce_", "comm_device", "assign_owners"]
@@ -232,12 +232,7 @@ def distributed_select(scores: Sequence[Tensor], layout: ShardLayout, k: int, la
     local_hist = (hist if hist is not None and largest else esi_histogram(scores, invert=invert) if scores
                   else torch.zeros(NUM_BINS, dtype=torch.int64))
     h = all_reduce_(local_hist.to(torch.int64).clone(), group).cpu().tolist()
-    above, threshold = 0, NUM_BINS - 1
-    for b in range(NUM_BINS - 1, -1, -1):
-        if above + h[b] >= k:
-            threshold = b
-            break
-        above += h[b]
+    threshold, above = threshold_bin(h, k)
     need = k - above
     local_count = int(local_hist[threshold].item())
     starts, gstarts = layout.local_offsets([s.numel() for s in scores])

@@ -6,11 +6,11 @@ SFT stage.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import re
-import warnings
 from dataclasses import dataclass, field
+
+from .._config import SerialisableConfig
 
 CONFIG_VERSION = 1
 
@@ -24,39 +24,14 @@ only); rejective: refuses everything (what upstream moderation switches on)."""
 PLACEMENTS = ("system_prefix", "system_suffix")
 NO_SYSTEM_ROLE = ("user_prefix", "error")
 
-
 def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
-
 
 def _is_real(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(float(x))
 
-
-class _DictMixin:
-    """`to_dict` / `from_dict` with a type tag; unknown keys (a newer version) are dropped with a warning."""
-
-    def to_dict(self) -> dict:
-        return {"type": type(self).__name__, **dataclasses.asdict(self)}
-
-    @classmethod
-    def from_dict(cls, d: dict):
-        if not isinstance(d, dict):
-            raise ValueError(f"{cls.__name__}.from_dict: expected a dict, got {type(d).__name__}")
-        d = dict(d)
-        kind = d.pop("type", cls.__name__)
-        if kind != cls.__name__:
-            raise ValueError(f"{cls.__name__}.from_dict: not a {cls.__name__} (type={kind!r})")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            warnings.warn(f"{cls.__name__}: ignoring unknown keys {unknown} (saved by a newer upsafe_ext? upgrade)",
-                          stacklevel=2)
-        return cls(**{k: v for k, v in d.items() if k in known})
-
-
 @dataclass
-class MagicConfig(_DictMixin):
+class MagicConfig(SerialisableConfig):
     """How the magic tokens look, where they go, and how the co-training data is built.
 
     Args:
@@ -132,19 +107,16 @@ class MagicConfig(_DictMixin):
         if not _is_int(self.data_seed):
             raise ValueError(f"MagicConfig.data_seed must be an int, got {self.data_seed!r}")
 
-
 def check_token_format(fmt, name: str = "token_format") -> str:
     if not isinstance(fmt, str) or fmt.count("{}") != 1 or fmt.replace("{}", "").count("{") or \
             fmt.replace("{}", "").count("}"):
         raise ValueError(f"{name} must be a str containing '{{}}' exactly once (and no other braces), got {fmt!r}")
     return fmt
 
-
 DTYPES = ("fp32", "bf16", "fp16")
 
-
 @dataclass
-class MagicTrainConfig(_DictMixin):
+class MagicTrainConfig(SerialisableConfig):
     r"""The single co-training SFT stage (all modes mixed in one shuffled dataset, plain LM loss on the
     assistant tokens, no margin term).
 

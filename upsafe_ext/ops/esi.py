@@ -37,6 +37,16 @@ def esi_histogram(scores: Sequence[Tensor], invert: bool = False) -> Tensor:
     return torch.ops.upsafe.esi_histogram.default(list(scores), bool(invert))
 
 
+def threshold_bin(hist: list[int], k: int) -> tuple[int, int]:
+    """The histogram bin holding the k-th largest element, and how many elements lie in higher bins."""
+    above = 0
+    for b in range(len(hist) - 1, -1, -1):
+        if above + hist[b] >= k:
+            return b, above
+        above += hist[b]
+    return len(hist) - 1, above
+
+
 def select_topk(scores: Sequence[Tensor], k: int, largest: bool = True, hist: Tensor | None = None) -> list[Tensor]:
     """Bool masks (one per score tensor) selecting exactly the global top-``k`` scores.
 
@@ -53,13 +63,7 @@ def select_topk(scores: Sequence[Tensor], k: int, largest: bool = True, hist: Te
     if hist is None:
         hist = esi_histogram(scores, invert=invert)
     h = hist.cpu().tolist()
-    above = 0
-    threshold = NUM_BINS - 1
-    for b in range(NUM_BINS - 1, -1, -1):
-        if above + h[b] >= k:
-            threshold = b
-            break
-        above += h[b]
+    threshold, above = threshold_bin(h, k)
     need = k - above
     masks, cand, count = torch.ops.upsafe.esi_select.default(scores, threshold, int(h[threshold]), invert)
     n = int(count.item())

@@ -134,10 +134,7 @@ def _cmd_sweep(a) -> int:
 def _cmd_demo(a) -> int:
     from .pipeline import DemoConfig, run_demo
 
-    cfg = DemoConfig(out_dir=a.out)
-    if a.quick:  # a few minutes: fewer prompts and steps (numbers are noisier)
-        cfg = DemoConfig(out_dir=a.out, scan_prompts=48, stage1_prompts=96, stage2_harmful=96, stage2_benign=96,
-                         eval_harmful=48, taus=(0.0, 0.5, 1.0))
+    cfg = DemoConfig.quick(out_dir=a.out) if a.quick else DemoConfig(out_dir=a.out)
     run_demo(cfg)
     return 0
 

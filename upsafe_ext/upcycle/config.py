@@ -1,16 +1,16 @@
 """UpcycleConfig: what `upcycle_` builds (PEFT-style config dataclass, JSON round-trip)."""
 from __future__ import annotations
 
-import dataclasses
 import math
-import warnings
 from dataclasses import dataclass, field
+
+from .._config import SerialisableConfig
 
 CONFIG_VERSION = 1
 
 
 @dataclass
-class UpcycleConfig:
+class UpcycleConfig(SerialisableConfig):
     """How to turn a model's safety-critical MLPs into safety MoEs (UpSafe°C).
 
     Args:
@@ -77,22 +77,6 @@ class UpcycleConfig:
     @property
     def num_experts(self) -> int:
         return self.num_safety_experts + 1
-
-    def to_dict(self) -> dict:
-        return {"type": "UpcycleConfig", **dataclasses.asdict(self)}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "UpcycleConfig":
-        d = dict(d)
-        kind = d.pop("type", "UpcycleConfig")
-        if kind != "UpcycleConfig":
-            raise ValueError(f"UpcycleConfig.from_dict: not an UpcycleConfig (type={kind!r})")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:  # written by a newer upsafe_ext: keep what we understand
-            warnings.warn(f"UpcycleConfig: ignoring unknown keys {unknown} (saved by a newer upsafe_ext? upgrade)",
-                          stacklevel=2)
-        return cls(**{k: v for k, v in d.items() if k in known})
 
 
 def check_safety_temperature(tau, name: str = "safety temperature") -> float:

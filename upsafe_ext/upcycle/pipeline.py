@@ -39,11 +39,19 @@ class DemoConfig:
     batch_size: int = 8
     eval_harmful: int = field(default=96, metadata={"help": "harmful test prompts evaluated"})
     eval_benign: int | None = field(default=None, metadata={"help": "benign test prompts (None = all)"})
+    eval_edgy: int | None = field(default=None, metadata={"help": "edgy benign (over-refusal) test prompts (None = all)"})
     max_new_tokens: int = 48
     gen_batch_size: int = 16
     taus: tuple = (0.0, 0.25, 0.5, 0.75, 1.0)
     seed: int = 0
     save_model: bool = True
+
+    @classmethod
+    def quick(cls, **overrides) -> "DemoConfig":
+        """A few minutes on a CPU: fewer prompts and steps (the numbers are noisier)."""
+        base = dict(scan_prompts=48, stage1_prompts=96, stage2_harmful=96, stage2_benign=96, eval_harmful=48,
+                    taus=(0.0, 0.5, 1.0))
+        return cls(**(base | overrides))
 
     def __post_init__(self):
         if not 0 < self.layer_fraction <= 1:
@@ -168,7 +176,7 @@ def run_demo(cfg: DemoConfig | None = None, progress: bool = True, model=None, t
     h_train, b_train = harmful_prompts("train"), benign_prompts("train") + overrefusal_prompts("train")
     h_test = _take(harmful_prompts("test"), cfg.eval_harmful)
     b_test = _take(benign_prompts("test"), cfg.eval_benign)
-    e_test = overrefusal_prompts("test")
+    e_test = _take(overrefusal_prompts("test"), cfg.eval_edgy)
     name = getattr(model.config, "_name_or_path", "") or type(model).__name__
     report = {"model": os.path.basename(str(name).rstrip("/")) or type(model).__name__, "config": asdict(cfg),
               "judge": judge_accuracy()}
