@@ -22,7 +22,7 @@ from .model import safety_moe_modules, safety_temperature, upcycle_
 
 @dataclass
 class DemoConfig:
-    """Sizes and hyper-parameters of `upsafe demo` (defaults: ~15 min on a 2-core CPU)."""
+    """Sizes and hyper-parameters of `upsafe demo` (defaults: 23 min on an idle 2-core CPU, measured)."""
 
     out_dir: str = field(default="upsafe_out/demo", metadata={"help": "where results go"})
     scan_prompts: int = field(default=96, metadata={"help": "harmful and benign train prompts for the scan"})
