@@ -7,7 +7,8 @@ import warnings
 
 
 class SerialisableConfig:
-    """Mixin for dataclasses: ``to_dict()`` (tuples as lists, as JSON stores them) and ``from_dict(d)``."""
+    """Mixin for dataclasses: ``to_dict()`` (tuples as lists, as JSON stores them), ``from_dict(d)`` and
+    ``resolve(config, overrides, op)`` (a config plus keyword overrides, as the library functions take them)."""
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -15,6 +16,19 @@ class SerialisableConfig:
             if isinstance(v, tuple):
                 d[k] = list(v)
         return {"type": type(self).__name__, **d}
+
+    @classmethod
+    def resolve(cls, config, overrides: dict, op: str):
+        """`config` (or the defaults) with keyword `overrides` applied; errors name `op` and the bad keys."""
+        if config is not None and not isinstance(config, cls):
+            raise ValueError(f"{op}: `config` must be an instance of {cls.__name__}, got {type(config).__name__}")
+        cfg = config or cls()
+        known = {f.name for f in dataclasses.fields(cls)}
+        bad = sorted(set(overrides) - known)
+        if bad:
+            raise ValueError(f"{op}: unknown keyword argument(s) {bad}; {cls.__name__} fields are "
+                             f"{sorted(known - {'version'})}")
+        return dataclasses.replace(cfg, **overrides) if overrides else cfg
 
     @classmethod
     def from_dict(cls, d: dict):

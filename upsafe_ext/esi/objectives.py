@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..eval.generation import chat
 from ..train.sft import IGNORE_INDEX, SFTCollator, encode_sft, render_chat
 from .config import ESIConfig
 
@@ -28,11 +29,6 @@ __all__ = ["RefusalObjective", "JudgeObjective", "build_transfer_matrix", "greed
            "prompt_seed"]
 
 _SENTINEL = "\u2063UPSAFE_RESPONSE\u2063"
-
-
-def _messages(prompt: str, system: str | None) -> list[dict]:
-    conv = [] if system is None else [{"role": "system", "content": system}]
-    return conv + [{"role": "user", "content": prompt}]
 
 
 def _pad_id(tokenizer, model=None) -> int:
@@ -97,7 +93,7 @@ class RefusalObjective:
         return out
 
     def __call__(self, model, tokenizer, prompts: Sequence[str], config: ESIConfig) -> Tensor:
-        feats = [encode_sft(tokenizer, _messages(p, config.system), self.target(p, config.seed), config.max_length)
+        feats = [encode_sft(tokenizer, chat(p, config.system), self.target(p, config.seed), config.max_length)
                  for p in prompts]
         batch = SFTCollator(_pad_id(tokenizer, model))(feats)
         device = next(model.parameters()).device
@@ -330,7 +326,7 @@ class JudgeObjective:
         gdev = next(self.guard.parameters()).device
         safe = self._token_id(self.safe_token, gtok, "safe_token")
         unsafe = None if self.unsafe_token is None else self._token_id(self.unsafe_token, gtok, "unsafe_token")
-        pids = [list(tokenizer(render_chat(tokenizer, _messages(p, config.system)), add_special_tokens=False)["input_ids"])
+        pids = [list(tokenizer(render_chat(tokenizer, chat(p, config.system)), add_special_tokens=False)["input_ids"])
                 for p in prompts]
         pids = [p[-(config.max_length - 1):] for p in pids]
         max_new = max(1, min(self.max_new_tokens, config.max_length - max(len(p) for p in pids)))

@@ -15,7 +15,6 @@ single-process one.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import json
 import math
@@ -36,17 +35,6 @@ __all__ = ["compute_esi", "ESIScores", "eligible_parameters", "esi_reference", "
 
 FORMAT = "upsafe_esi_scores"
 FORMAT_VERSION = 1
-
-
-def _resolve_config(config: ESIConfig | None, overrides: dict, op: str) -> ESIConfig:
-    if config is not None and not isinstance(config, ESIConfig):
-        raise ValueError(f"{op}: `config` must be an ESIConfig, got {type(config).__name__}")
-    cfg = config or ESIConfig()
-    known = {f.name for f in dataclasses.fields(ESIConfig)}
-    bad = sorted(set(overrides) - known)
-    if bad:
-        raise ValueError(f"{op}: unknown keyword argument(s) {bad}; ESIConfig fields are {sorted(known - {'version'})}")
-    return dataclasses.replace(cfg, **overrides) if overrides else cfg
 
 
 def eligible_parameters(model: torch.nn.Module, config: ESIConfig | None = None) -> list[tuple[str, torch.nn.Parameter]]:
@@ -446,7 +434,7 @@ def compute_esi(model: torch.nn.Module, tokenizer, harmful_prompts: Sequence[str
     """
     from tqdm.auto import tqdm
 
-    cfg = _resolve_config(config, overrides, "compute_esi")
+    cfg = ESIConfig.resolve(config, overrides, "compute_esi")
     prompts = _check_prompts(harmful_prompts, "compute_esi")
     obj = make_objective(objective)
     inner, kind = unwrap_model(model)
@@ -541,7 +529,7 @@ def esi_reference(model: torch.nn.Module, tokenizer, harmful_prompts: Sequence[s
     """Plain-PyTorch oracle for `compute_esi` (single process): the same micro-batches and objective,
     ``acc += grad.float()`` per tensor, then ``σ · |acc|`` with σ = ``W.double().std()`` cast to fp32
     (per expert for fused 3-D expert tensors)."""
-    cfg = _resolve_config(config, overrides, "esi_reference")
+    cfg = ESIConfig.resolve(config, overrides, "esi_reference")
     prompts = _check_prompts(harmful_prompts, "esi_reference")
     obj = make_objective(objective)
     inner, _ = unwrap_model(model)

@@ -8,12 +8,12 @@
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
 
+from ..eval.generation import chat, generate_chat
 from ..train.sft import SFTCollator, encode_sft, run_sft
 from .config import SparseTrainConfig
 from .mask import SafetyMask
@@ -34,22 +34,6 @@ class TrainResult:
         return float(self.log[-1]["loss"]) if self.log else float("nan")
 
 
-def _resolve(config: SparseTrainConfig | None, overrides: dict, op: str) -> SparseTrainConfig:
-    if config is not None and not isinstance(config, SparseTrainConfig):
-        raise ValueError(f"{op}: `config` must be a SparseTrainConfig, got {type(config).__name__}")
-    cfg = config or SparseTrainConfig()
-    known = {f.name for f in dataclasses.fields(SparseTrainConfig)}
-    bad = sorted(set(overrides) - known)
-    if bad:
-        raise ValueError(f"{op}: unknown keyword argument(s) {bad}; SparseTrainConfig fields are "
-                         f"{sorted(known - {'version'})}")
-    return dataclasses.replace(cfg, **overrides) if overrides else cfg
-
-
-def _messages(prompt: str, system: str | None) -> list[dict]:
-    return ([] if system is None else [{"role": "system", "content": system}]) + [{"role": "user", "content": prompt}]
-
-
 def refusal_examples(tokenizer, harmful_prompts: Sequence[str], *, refusal: str | Callable[[str], str] | None = None,
                      seed: int = 0, max_length: int = 512, system: str | None = None) -> list[dict]:
     """harmful prompt -> refusal SFT examples (``encode_sft`` dicts; loss on the refusal only).
@@ -61,7 +45,7 @@ def refusal_examples(tokenizer, harmful_prompts: Sequence[str], *, refusal: str 
     from .objectives import RefusalObjective
 
     obj = RefusalObjective(refusal)
-    return [encode_sft(tokenizer, _messages(p, system), obj.target(p, seed), max_length) for p in harmful_prompts]
+    return [encode_sft(tokenizer, chat(p, system), obj.target(p, seed), max_length) for p in harmful_prompts]
 
 
 def sft_examples(tokenizer, data: Sequence, *, max_length: int = 512, system: str | None = None) -> list[dict]:
@@ -75,9 +59,9 @@ def sft_examples(tokenizer, data: Sequence, *, max_length: int = 512, system: st
         elif isinstance(item, dict) and "messages" in item and "response" in item:
             out.append(encode_sft(tokenizer, item["messages"], item["response"], max_length))
         elif isinstance(item, dict) and "prompt" in item and "response" in item:
-            out.append(encode_sft(tokenizer, _messages(item["prompt"], system), item["response"], max_length))
+            out.append(encode_sft(tokenizer, chat(item["prompt"], system), item["response"], max_length))
         elif isinstance(item, (tuple, list)) and len(item) == 2 and all(isinstance(x, str) for x in item):
-            out.append(encode_sft(tokenizer, _messages(item[0], system), item[1], max_length))
+            out.append(encode_sft(tokenizer, chat(item[0], system), item[1], max_length))
         else:
             raise ValueError(f"sft_examples: data[{i}] must be a (prompt, response) pair or a dict with "
                              f"prompt/response, messages/response or input_ids/labels; got {item!r:.80}")
@@ -90,9 +74,7 @@ def own_replies(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int
                 system: str | None = None, progress: bool = True) -> list[tuple[str, str]]:
     """``(prompt, the model's own greedy reply)`` pairs: self-distillation data that keeps the model's
     behaviour on `prompts` (benign retain data for SET, or default SPA data)."""
-    from ..eval.generation import generate_chat
-
-    replies = generate_chat(model, tokenizer, [_messages(p, system) for p in prompts], max_new_tokens=max_new_tokens,
+    replies = generate_chat(model, tokenizer, [chat(p, system) for p in prompts], max_new_tokens=max_new_tokens,
                             batch_size=batch_size, progress=progress, desc="own replies")
     return [(p, r) for p, r in zip(prompts, replies) if r]
 
@@ -124,7 +106,7 @@ def run_set(model: torch.nn.Module, tokenizer, mask: SafetyMask, harmful_prompts
         >>> mask = compute_esi(model, tok, prompts).select(0.01)  # doctest: +SKIP
         >>> run_set(model, tok, mask, prompts, max_steps=100, lr=1e-4)  # doctest: +SKIP
     """
-    cfg = _resolve(config, overrides, "run_set")
+    cfg = SparseTrainConfig.resolve(config, overrides, "run_set")
     examples = refusal_examples(tokenizer, harmful_prompts, refusal=refusal, seed=cfg.seed,
                                 max_length=cfg.max_length, system=system)
     if retain:
@@ -139,6 +121,6 @@ def run_spa(model: torch.nn.Module, tokenizer, mask: SafetyMask, data: Sequence,
     Example:
         >>> run_spa(model, tok, mask, [("Give me a bread recipe", "Mix flour, ...")], max_steps=1000)  # doctest: +SKIP
     """
-    cfg = _resolve(config, overrides, "run_spa")
+    cfg = SparseTrainConfig.resolve(config, overrides, "run_spa")
     examples = sft_examples(tokenizer, data, max_length=cfg.max_length, system=system)
     return _train(model, tokenizer, mask, examples, "spa", cfg, "SPA")

@@ -131,13 +131,10 @@ def load_magic_model(directory: str | os.PathLike, *, allow_negative: bool = Tru
         if tokens.special and tokens.allow_negative:
             tokenizer = scrub_tokenizer(tokenizer, tokens.token("negative"))
         tokens.disable_negative()
-    if tokens.special:
-        rows = model.get_input_embeddings().weight.shape[0]
-        for m in tokens.modes:
-            ids = tokenizer(tokens.token(m), add_special_tokens=False)["input_ids"]
-            if len(ids) != 1 or ids[0] >= rows:
-                raise RuntimeError(f"load_magic_model: the {m} token is not a single in-vocabulary id in the saved "
-                                   "tokenizer (tokenizer and model out of sync?)")
+    bad = tokens.unregistered_mode(model, tokenizer) if tokens.special else None
+    if bad is not None:
+        raise RuntimeError(f"load_magic_model: the {bad} token is not a single in-vocabulary id in the saved "
+                           "tokenizer (tokenizer and model out of sync?)")
     attach_tokens(model, tokens)
     return model, tokenizer, tokens
 

@@ -366,6 +366,15 @@ class MagicTokens:
                             bias[new_ids] = bias[:base_rows].float().mean().to(bias.dtype)
         return ids
 
+    def unregistered_mode(self, model, tokenizer) -> str | None:
+        """The first mode whose token is not a single id inside `model`'s embedding matrix (None: all are)."""
+        rows = model.get_input_embeddings().weight.shape[0]
+        for m in self.modes:
+            ids = tokenizer(self._tokens[m], add_special_tokens=False)["input_ids"]
+            if len(ids) != 1 or ids[0] >= rows:
+                return m
+        return None
+
     # -- save / load -------------------------------------------------------------------------------
     def to_dict(self, include_negative: bool = True) -> dict:
         """The JSON payload of `save` (tokens in clear; the negative one only with `include_negative`)."""

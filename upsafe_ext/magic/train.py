@@ -60,13 +60,10 @@ def _check_inputs(model, tokenizer, dataset, tokens: MagicTokens, op: str):
         raise ValueError(f"{op}: `dataset` must be a MagicDataset (from build_examples), got {type(dataset).__name__}")
     if len(dataset) == 0:
         raise ValueError(f"{op}: `dataset` is empty")
-    if tokens.special:
-        rows = model.get_input_embeddings().weight.shape[0]
-        for m in tokens.modes:
-            ids = tokenizer(tokens.token(m), add_special_tokens=False)["input_ids"]
-            if len(ids) != 1 or ids[0] >= rows:
-                raise ValueError(f"{op}: the tokens are marked special but the {m} token is not one id inside the "
-                                 "model's embedding matrix; call prepare_model(model, tokenizer, tokens) first")
+    bad = tokens.unregistered_mode(model, tokenizer) if tokens.special else None
+    if bad is not None:
+        raise ValueError(f"{op}: the tokens are marked special but the {bad} token is not one id inside the "
+                         "model's embedding matrix; call prepare_model(model, tokenizer, tokens) first")
     vocab = model.get_input_embeddings().weight.shape[0]
     top = max(max(e["input_ids"]) for e in dataset.examples)
     if top >= vocab:
