@@ -135,11 +135,19 @@ def test_scores_equal_reference_bf16_untied_and_moe(tok):
     ref = esi_reference(moe, tok, PROMPTS, batch_size=3)
     for n in ref:
         assert torch.equal(s[n], ref[n]), n
-    gu = moe.model.layers[0].mlp.experts.gate_up_proj.detach()
-    assert gu.shape[0] == 3  # σ per expert: expert 1's scores scale with expert 1's std only
-    acc1 = s["model.layers.0.mlp.experts.gate_up_proj"][1] / float(gu[1].double().std())
-    acc1_whole = s["model.layers.0.mlp.experts.gate_up_proj"][1] / float(gu.double().std())
-    assert not torch.allclose(acc1, acc1_whole)
+    # σ per expert for fused 3-D expert tensors, checked against autograd (no ESI code): expert e's scores
+    # are std(W[e]) · |Σ ∂S/∂W[e]|, not std(W) · |...| of the whole tensor.
+    obj = RefusalObjective("I can't help with that.")
+    s5 = compute_esi(moe, tok, PROMPTS, obj, batch_size=5, progress=False)
+    name = "model.layers.0.mlp.experts.gate_up_proj"
+    gu = moe.model.layers[0].mlp.experts.gate_up_proj
+    assert gu.shape[0] == 3
+    (grad,) = torch.autograd.grad(obj(moe, tok, PROMPTS, ESIConfig()).sum(), [gu])
+    for e in range(3):
+        want = float(gu[e].detach().double().std()) * grad[e].abs()
+        torch.testing.assert_close(s5[name][e], want, rtol=1e-5, atol=1e-9)
+        whole = float(gu.detach().double().std()) * grad[e].abs()
+        assert not torch.allclose(s5[name][e], whole, rtol=1e-3, atol=0), "σ must be per expert"
 
 
 def test_scores_formula_by_hand(tok):
@@ -711,8 +719,20 @@ def test_cli_score_select_heatmap_set_spa(tmp_path, capsys):
 # --------------------------------------------------------------------------------------------------
 # real model (slow tier)
 # --------------------------------------------------------------------------------------------------
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the real-model test (on a shared 2-core box two spinning OpenMP threads
+    run 5-10x slower, see test_real_model.py); the previous count is restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.slow
-def test_smollm2_esi_then_set():
+def test_smollm2_esi_then_set(one_thread):
     """SmolLM2-135M-Instruct on CPU: ESI on 32 harmful-train prompts, the top-1% weights' map, then SET
     (those weights only, 30 steps, harmful -> refusal plus benign retain data) and the refusal rates on
     held-out harmful-test / benign-test prompts before and after (keyword judge). ~15-25 min on 2 cores."""
@@ -720,10 +740,7 @@ def test_smollm2_esi_then_set():
     from upsafe_ext.esi import own_replies
     from upsafe_ext.esi.plot import format_summary
 
-    try:
-        model, tok = ev.load_smollm2(verbose=False)
-    except Exception as exc:  # pragma: no cover - asset not installed
-        pytest.skip(f"SmolLM2 not available: {exc}")
+    model, tok = ev.load_smollm2(verbose=False)  # no asset = a failure of the slow tier, never a skip
     torch.manual_seed(0)
     scores = compute_esi(model, tok, ev.harmful_prompts("train")[:32], batch_size=8, progress=False)
     mask = scores.select(0.01)

@@ -4,11 +4,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import cuda_kernel, devices_for
+from conftest import devices_for, requires_cuda_kernel
 from upsafe_ext.ops import esi_accumulate_, esi_histogram, select_topk, select_topk_reference, sparse_adamw_
-from upsafe_ext.ops.esi import NUM_BINS
+from upsafe_ext.ops.esi import NUM_BINS, threshold_bin
 
-DEVICES = devices_for("esi_accumulate_")
+DEVICES = devices_for("esi_accumulate_", "esi_histogram")
+SELECT_DEVICES = devices_for("esi_histogram", "esi_select", "esi_mark_")
+ADAMW_DEVICES = devices_for("esi_sparse_adamw_")
 SIZES = [(1000,), (37, 13), (8192 * 2 + 5,), (3,), (64, 64)]
 
 
@@ -49,7 +51,7 @@ def test_misaligned_views_take_the_scalar_path(device):
     assert torch.equal(base[1:], g) and base[0] == 0
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", SELECT_DEVICES)
 @pytest.mark.parametrize("largest", [True, False])
 def test_select_matches_sort_reference(device, largest):
     scores = [torch.rand(s, device=device) * (i + 1) for i, s in enumerate(SIZES)]
@@ -62,7 +64,7 @@ def test_select_matches_sort_reference(device, largest):
             assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", SELECT_DEVICES)
 def test_select_ties_go_to_lower_global_index(device):
     scores = [torch.zeros(100, device=device), torch.full((50,), 3.0, device=device), torch.zeros(20, device=device)]
     for k, largest in [(10, True), (60, True), (120, True), (30, False), (115, False)]:
@@ -93,7 +95,7 @@ def adamw_reference(p, g, m, v, lr, b1, b2, eps, wd, step):
     return p, m, v
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", ADAMW_DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_sparse_adamw(device, dtype):
     params = [torch.randn(s, device=device).to(dtype) for s in [(40, 30), (20000,)]]
@@ -132,15 +134,69 @@ def test_bad_input(call, match):
         call()
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_opcheck(device):
-    acc = [torch.zeros(100, device=device), torch.zeros(7, device=device)]
+# torch.library.opcheck on every ESI op (schema incl. declared mutations, fake/meta impl, autograd
+# registration, AOT dispatch). None of them is differentiable (no autograd formula is registered: they
+# are optimizer / selection kernels), so they are checked on inputs without requires_grad only.
+@pytest.mark.parametrize("device", devices_for("esi_accumulate_"))
+@pytest.mark.parametrize("finalize", [False, True])
+def test_opcheck_accumulate(device, finalize):
+    acc = [torch.rand(100, device=device), torch.rand(7, device=device)]
     gs = [torch.randn(100, device=device), torch.randn(7, device=device)]
-    torch.library.opcheck(torch.ops.upsafe.esi_accumulate_.default, (acc, gs, [1.0, 2.0], True, False))
-    torch.library.opcheck(torch.ops.upsafe.esi_histogram.default, ([torch.rand(50, device=device)], False))
+    sigma = [1.0, 2.0] if finalize else None
+    torch.library.opcheck(torch.ops.upsafe.esi_accumulate_.default, (acc, gs, sigma, finalize, False))
+    gs16 = [g.bfloat16() for g in gs]
+    torch.library.opcheck(torch.ops.upsafe.esi_accumulate_.default, (acc, gs16, sigma, finalize, True))
 
 
-@pytest.mark.skipif(not cuda_kernel("esi_accumulate_"), reason="needs CUDA kernels and a GPU")
+@pytest.mark.parametrize("device", devices_for("esi_histogram"))
+@pytest.mark.parametrize("invert", [False, True])
+def test_opcheck_histogram(device, invert):
+    scores = [torch.rand(50, device=device), torch.rand(3, 4, device=device)]
+    torch.library.opcheck(torch.ops.upsafe.esi_histogram.default, (scores, invert))
+
+
+def _select_args(device, invert, k=40):
+    scores = [(torch.rand(300, device=device) * 4).floor(), torch.rand(17, 5, device=device)]  # ties at the threshold
+    hist = esi_histogram(scores, invert=invert).cpu().tolist()
+    tb, _ = threshold_bin(hist, k)
+    return scores, tb, int(hist[tb])
+
+
+@pytest.mark.parametrize("device", devices_for("esi_select"))
+@pytest.mark.parametrize("invert", [False, True])
+def test_opcheck_select(device, invert):
+    scores, tb, capacity = _select_args(device, invert)
+    assert capacity > 1
+    torch.library.opcheck(torch.ops.upsafe.esi_select.default, (scores, tb, capacity, invert))
+
+
+@pytest.mark.parametrize("device", devices_for("esi_mark_"))
+def test_opcheck_mark(device):
+    masks = [torch.zeros(300, dtype=torch.bool, device=device), torch.rand(17, 5, device=device) < 0.3]
+    idx = torch.tensor([0, 5, 299, 300 + 7, 300 + 84], dtype=torch.int64, device=device)  # both tensors, both ends
+    torch.library.opcheck(torch.ops.upsafe.esi_mark_.default, (masks, idx))
+    # and the op does what its schema says: the global indices are set, nothing else changes
+    want = [m.clone() for m in masks]
+    want[0][[0, 5, 299]] = True
+    want[1].view(-1)[[7, 84]] = True
+    torch.ops.upsafe.esi_mark_.default(masks, idx)
+    assert all(torch.equal(a, b) for a, b in zip(masks, want))
+
+
+@pytest.mark.parametrize("device", devices_for("esi_sparse_adamw_"))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_opcheck_sparse_adamw(device, dtype):
+    params = [torch.randn(40, 30, device=device).to(dtype), torch.randn(500, device=device).to(dtype)]
+    grads = [torch.randn_like(p) for p in params]
+    idx = [torch.randperm(p.numel(), device=device)[: p.numel() // 4].sort().values.int() for p in params]
+    m = [torch.randn(i.numel(), device=device) * 0.1 for i in idx]
+    v = [torch.rand(i.numel(), device=device) * 0.1 for i in idx]
+    master = [p.reshape(-1)[i.long()].float() for p, i in zip(params, idx)]
+    args = (params, grads, idx, m, v, master, 1e-2, 0.9, 0.99, 1e-8, 0.1, 3)
+    torch.library.opcheck(torch.ops.upsafe.esi_sparse_adamw_.default, args)
+
+
+@requires_cuda_kernel("esi_accumulate_")
 def test_cuda_matches_cpu_large():
     sizes = [(4096, 1024), (1000003,), (11008, 64)]
     acc = [torch.zeros(s, device="cuda") for s in sizes]

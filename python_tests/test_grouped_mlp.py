@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from conftest import cuda_kernel, devices_for
+from conftest import devices_for, requires_cuda_kernel
 from upsafe_ext.ops import grouped_expert_mlp, grouped_expert_mlp_reference, sparse_route, sparse_route_reference
 
 DEVICES = devices_for("grouped_expert_mlp")
@@ -54,6 +54,32 @@ def _route(T, E, k, mw, device, skew=False, seed=0):
     return logits, sparse_route(logits, k, min_weight=mw), sparse_route_reference(logits, k, min_weight=mw)
 
 
+def _backward_op(g, x, r, w_in, w_out, b_in, b_out, act, gated, need_x, need_weights, need_w):
+    """upsafe::grouped_expert_mlp_backward called directly (forward with saved activations first)."""
+    det = lambda ts: [t.detach() for t in ts] if ts else []  # noqa: E731
+    routing = (r.weights.detach(), r.experts, r.permutation, r.offsets, r.inverse)
+    w_in, w_out, b_in, b_out = det(w_in), det(w_out), det(b_in), det(b_out)
+    _, hs, ys = torch.ops.upsafe.grouped_expert_mlp.default(x.detach(), *routing, w_in, w_out, b_in, b_out, act, gated,
+                                                            True)
+    return torch.ops.upsafe.grouped_expert_mlp_backward.default(g, x.detach(), *routing, w_in, w_out, b_in, b_out, hs,
+                                                                 ys, act, gated, need_x, need_weights, list(need_w))
+
+
+def _reference_weight_grads(g, x, r_ref, w_in, w_out, b_in, b_out, act, gated):
+    """Per chunk (d w_in, d w_out, d b_in, d b_out) of sum(out * g) from the plain-PyTorch reference
+    (None for an absent bias), every chunk trainable."""
+    leaf = lambda ts: [t.detach().clone().requires_grad_() for t in ts] if ts else None  # noqa: E731
+    wi, wo, bi, bo = leaf(w_in), leaf(w_out), leaf(b_in), leaf(b_out)
+    out = grouped_expert_mlp_reference(x.detach(), r_ref, wi, wo, act, gated=gated, b_in=bi, b_out=bo)
+    flat = wi + wo + (bi or []) + (bo or [])
+    grads = iter(torch.autograd.grad((out * g).sum(), flat, retain_graph=True))
+    n = len(wi)
+    gi, go = [next(grads) for _ in range(n)], [next(grads) for _ in range(n)]
+    gbi = [next(grads) for _ in range(n)] if bi else [None] * n
+    gbo = [next(grads) for _ in range(n)] if bo else [None] * n
+    return list(zip(gi, go, gbi, gbo))
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"T{c[0]}H{c[1]}I{c[2]}C{len(c[3])}k{c[4]}{c[6]}")
 def test_forward_backward_fp32(device, case):
@@ -71,7 +97,18 @@ def test_forward_backward_fp32(device, case):
     ref_grads = torch.autograd.grad((ref * g).sum(), params)
     for a, b in zip(grads, ref_grads):
         torch.testing.assert_close(a, b, atol=5e-5, rtol=5e-4)
-    assert w_in[0].grad is None, "the frozen chunk must get no gradient"
+    # the frozen chunk: the backward kernel is asked for no gradient of it and returns none (an empty tensor),
+    # while the trainable chunks get the reference's weight gradients
+    need_w = [w.requires_grad for w in w_in]
+    assert need_w[0] is False and all(need_w[1:])
+    _, _, dw_in, dw_out, db_in, db_out = _backward_op(g, x, r, w_in, w_out, b_in, b_out, act, gated, True, True, need_w)
+    ref_w = _reference_weight_grads(g, x, r_ref, w_in, w_out, b_in, b_out, act, gated)
+    for c in range(len(chunks)):
+        for got, want in zip((dw_in[c], dw_out[c], db_in[c], db_out[c]), ref_w[c]):
+            if not need_w[c] or want is None:
+                assert got.numel() == 0, f"chunk {c}: a gradient nobody asked for"
+            else:
+                torch.testing.assert_close(got, want, atol=5e-5, rtol=5e-4)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -147,6 +184,33 @@ def test_opcheck(device, requires_grad):
     torch.library.opcheck(torch.ops.upsafe.grouped_expert_mlp.default, args)
 
 
+@pytest.mark.parametrize("device", devices_for("grouped_expert_mlp", "grouped_expert_mlp_backward"))
+@pytest.mark.parametrize("need", [(True, True, (False, True)), (False, True, (True, False)),
+                                  (True, False, (False, False))], ids=["x_w_chunk1", "w_chunk0", "x_only"])
+def test_opcheck_backward(device, need):
+    # the backward op has no derivative of its own (no double backward): checked without requires_grad
+    need_x, need_weights, need_w = need
+    T, H, I = 20, 8, 16
+    x = torch.randn(T, H, device=device)
+    r = sparse_route(torch.randn(T, 3, device=device), 2, min_weight=0.2)
+    w_in, w_out, b_in, b_out = make_weights((1, 2), H, I, True, torch.float32, device, bias=True, trainable=(False,))
+    w_in, w_out, b_in, b_out = ([t.detach() for t in ts] for ts in (w_in, w_out, b_in, b_out))
+    routing = (r.weights, r.experts, r.permutation, r.offsets, r.inverse)
+    out, hs, ys = torch.ops.upsafe.grouped_expert_mlp.default(x, *routing, w_in, w_out, b_in, b_out, "silu", True, True)
+    g = torch.randn_like(out)
+    args = (g, x, *routing, w_in, w_out, b_in, b_out, hs, ys, "silu", True, need_x, need_weights, list(need_w))
+    torch.library.opcheck(torch.ops.upsafe.grouped_expert_mlp_backward.default, args)
+    # what comes back: the requested weight gradients (= the reference's), empty tensors for the rest
+    _, _, dw_in, dw_out, db_in, db_out = torch.ops.upsafe.grouped_expert_mlp_backward.default(*args)
+    ref_w = _reference_weight_grads(g, x, r, w_in, w_out, b_in, b_out, "silu", True)
+    for c, want_c in enumerate(ref_w):
+        for got, want in zip((dw_in[c], dw_out[c], db_in[c], db_out[c]), want_c):
+            if need_w[c]:
+                torch.testing.assert_close(got, want, atol=5e-5, rtol=5e-4)
+            else:
+                assert got.numel() == 0
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_torch_compile_fullgraph(device):
     T, H, I = 32, 16, 32
@@ -197,7 +261,7 @@ def test_bad_input(mutate, match):
         grouped_expert_mlp(**args)
 
 
-@pytest.mark.skipif(not cuda_kernel("grouped_expert_mlp"), reason="needs CUDA kernels and a GPU")
+@requires_cuda_kernel("grouped_expert_mlp")
 def test_cuda_bf16_grouped_mm_path_no_sync_and_matches_loop(monkeypatch):
     T, H, I = 512, 256, 512
     x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16, requires_grad=True)

@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import cuda_kernel, devices_for
+from conftest import devices_for, requires_cuda_kernel, runnable_devices
 from upsafe_ext.ops import sparse_route, sparse_route_reference
 
 DEVICES = devices_for("sparse_route")
@@ -104,7 +104,7 @@ def test_hypothesis_shapes(T, E, data):
     k = data.draw(st.integers(1, min(E, 8)))
     tau = data.draw(st.floats(0.05, 5.0))
     mw = data.draw(st.sampled_from([0.0, 0.01, 0.2]))
-    for device in DEVICES:
+    for device in runnable_devices("sparse_route"):
         x = (torch.randn(T, E) * 3).round()  # rounded: plenty of exact ties
         out = sparse_route(x.to(device), k, temperature=tau, min_weight=mw)
         assert_route_equal(out, sparse_route_reference(x, k, temperature=tau, min_weight=mw))
@@ -217,6 +217,19 @@ def test_opcheck(device, requires_grad):
         torch.library.opcheck(torch.ops.upsafe.sparse_route.default, args)
 
 
+@pytest.mark.parametrize("device", devices_for("sparse_route", "sparse_route_backward"))
+@pytest.mark.parametrize("renormalize", [True, False])
+def test_opcheck_backward(device, renormalize):
+    # the backward op has no derivative of its own (no double backward): checked without requires_grad
+    x = torch.randn(40, 6, device=device)
+    b = torch.randn(40, 6, device=device)
+    tau = torch.rand(40, device=device) + 0.5
+    for t, tt, bias in [(1.0, None, None), (0.5, tau, b), (2.0, None, b[0])]:
+        w, ex = torch.ops.upsafe.sparse_route.default(x, 3, t, tt, bias, renormalize, 0.05)[:2]
+        g = torch.randn_like(w)
+        torch.library.opcheck(torch.ops.upsafe.sparse_route_backward.default, (g, x, t, tt, bias, renormalize, w, ex))
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_torch_compile_fullgraph(device):
     def f(x, b):
@@ -233,7 +246,7 @@ def test_torch_compile_fullgraph(device):
     assert x.grad is not None and torch.isfinite(x.grad).all()
 
 
-@pytest.mark.skipif(not cuda_kernel("sparse_route"), reason="needs CUDA kernels and a GPU")
+@requires_cuda_kernel("sparse_route")
 @pytest.mark.parametrize("T,E,k", [(16384, 4, 1), (16384, 128, 8), (65536, 8, 2), (3000, 256, 8)])
 def test_cuda_matches_cpu_and_is_deterministic(T, E, k):
     x = torch.randn(T, E, device="cuda", dtype=torch.bfloat16)
@@ -244,7 +257,7 @@ def test_cuda_matches_cpu_and_is_deterministic(T, E, k):
     assert_route_equal(a, sparse_route(x.cpu(), k, temperature=0.7, min_weight=0.01))
 
 
-@pytest.mark.skipif(not cuda_kernel("sparse_route"), reason="needs CUDA kernels and a GPU")
+@requires_cuda_kernel("sparse_route")
 def test_cuda_no_host_sync():
     x = torch.randn(4096, 8, device="cuda", requires_grad=True)
     torch.cuda.synchronize()

@@ -7,13 +7,14 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import cuda_kernel
+from conftest import requires_cuda_kernel
 from upsafe_ext.testing import FAMILIES, tiny_causal_lm, tiny_tokenizer
 from upsafe_ext.train import make_examples, stage1, stage2, stage_parameters, train_only, upsafe_trainer_class
 from upsafe_ext.train.sft import SFTCollator
 from upsafe_ext.upcycle import (SafetyMoE, UpcycleConfig, load_safety_adapter, load_upcycled, routing_summary,
                                 safety_moe_modules, safety_temperature, save_safety_adapter, save_upcycled,
                                 scan_safety_layers, set_kernel_preference, set_safety_temperature, upcycle_)
+from upsafe_ext.upcycle.scan import LayerScanReport
 
 IDS = torch.randint(0, 256, (2, 11), generator=torch.Generator().manual_seed(1))
 
@@ -182,8 +183,16 @@ def test_scan_finds_separable_layers_and_plots(tmp_path):
     rep = scan_safety_layers(model, tok, harm, ben, progress=False)
     assert rep.num_layers == 4 and rep.n_train + rep.n_val == 32
     assert max(rep.accuracy) == 1.0 and all(0 <= a <= 1 for a in rep.accuracy)
-    assert rep.top(2) == sorted(sorted(range(4), key=lambda i: rep.bce[i])[:2])
-    assert rep.top() == rep.top(1)
+    top2 = rep.top(2)  # the two lowest-BCE layers, as a property of the measured numbers
+    assert len(top2) == 2 and top2 == sorted(top2)
+    assert max(rep.bce[i] for i in top2) <= min(rep.bce[i] for i in range(4) if i not in top2)
+    # and on a report with known numbers: lowest BCE first, ties to the lower layer, default 25% of layers
+    known = LayerScanReport(bce=[0.6, 0.2, 0.9, 0.2, 0.1, 0.5, 0.7, 0.3], accuracy=[1.0] * 8, auroc=[1.0] * 8,
+                            n_train=4, n_val=4)
+    assert known.top(1) == [4] and known.top(2) == [1, 4] and known.top(3) == [1, 3, 4]
+    assert known.top() == [1, 4] and known.top(fraction=0.5) == [1, 3, 4, 7]
+    with pytest.raises(ValueError, match="`k`"):
+        known.top(9)
     png = rep.plot(str(tmp_path / "scan.png"))
     assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="at least 2"):
@@ -263,7 +272,7 @@ def test_autocast_bf16_training_step():
     assert len(log) == 2 and all(math.isfinite(r["loss"]) for r in log)
 
 
-@pytest.mark.skipif(not cuda_kernel("grouped_expert_mlp"), reason="needs CUDA kernels and a GPU")
+@requires_cuda_kernel("grouped_expert_mlp")
 def test_cuda_bf16_upcycled_matches_base_and_generates():
     model = tiny_causal_lm("llama", dtype=torch.bfloat16, hidden=64, intermediate=128).cuda()
     ids = IDS.cuda()
