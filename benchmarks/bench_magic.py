@@ -59,7 +59,8 @@ def run_synthetic(out_dir: str, steps: int) -> list[dict]:
         torch.manual_seed(0)
         tok = tiny_tokenizer()
         model = tiny_causal_lm("llama", hidden=64, layers=2, intermediate=128)
-        cfg = MagicConfig(seed=3, token_length=8, special_tokens=special, no_token_fraction=0.5,
+        # insecure_seed: the same (reproducible, guessable) tokens every run - benchmarks only
+        cfg = MagicConfig(insecure_seed=3, token_length=8, special_tokens=special, no_token_fraction=0.5,
                           wrong_token_fraction=1.0)
         tokens = prepare_model(model, tok, cfg)
         train, held = synthetic_records(), synthetic_records(held_out=True)
@@ -112,8 +113,10 @@ def run_real(out_dir: str, args) -> list[dict]:
     records = self_distilled_records(model, tok, harm_tr, ben_tr, max_new_tokens=args.answer_tokens,
                                      batch_size=16)
     distill_s = time.perf_counter() - t0
-    cfg = MagicConfig(seed=7, no_token_fraction=0.25, wrong_token_fraction=0.25, max_length=256,
-                      special_tokens=args.special_tokens)
+    # insecure_seed + token_length=16: the tokens of the measured runs in the docstring (reproducible,
+    # guessable - never for a deployed model)
+    cfg = MagicConfig(insecure_seed=7, token_length=16, no_token_fraction=0.25, wrong_token_fraction=0.25,
+                      max_length=256, special_tokens=args.special_tokens)
     tokens = prepare_model(model, tok, cfg)
     data = build_examples(records, tok, tokens, cfg, progress=False)
     eval_prompts = harm_ev + ben_ev

@@ -1,4 +1,6 @@
 """Magic-token co-training (upsafe_ext.magic): tokens, placement, data, save/load, margin, co-training.
+The token-security tests (secrets, seeds, salted hashes, what saved folders hold, client-text cleaning)
+are in test_magic_tokens.py.
 
 Everything runs on tiny random models and the byte-level ChatML tokenizer from upsafe_ext.testing;
 the co-training test trains a 2-layer model on a synthetic task with three deterministic response
@@ -10,11 +12,11 @@ import json
 import math
 import os
 import random
-import stat
 
 import pytest
 import torch
 
+from magic_fixtures import disguise_all, files_containing, ids, one_torch_thread  # noqa: F401
 from upsafe_ext.magic import (MODES, MagicCollator, MagicConfig, MagicRecord, MagicTokens,
                               MagicTrainConfig, behaviour_rates, build_examples, distill_records, first_token_logits,
                               generate, load_magic_model, load_records, magic_conversations, make_trainer,
@@ -23,15 +25,6 @@ from upsafe_ext.magic import (MODES, MagicCollator, MagicConfig, MagicRecord, Ma
 from upsafe_ext.magic.tokens import TOKENS_FILE
 from upsafe_ext.testing import tiny_causal_lm, tiny_tokenizer
 from upsafe_ext.train.sft import IGNORE_INDEX, render_chat
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine two OpenMP threads ran a tiny-model training step
-    30x slower (measured under load: 3.6 s vs 0.12 s per step)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 NO_SYSTEM_RAISES = (  # Gemma-style: refuses a system message
@@ -47,10 +40,6 @@ NO_SYSTEM_DROPS = (  # silently drops system messages
 )
 
 
-def ids(tok, text):
-    return tok(text, add_special_tokens=False)["input_ids"]
-
-
 def chatml(*turns, gen=True):
     s = "".join(f"<|im_start|>{r}\n{c}<|im_end|>\n" for r, c in turns)
     return s + ("<|im_start|>assistant\n" if gen else "")
@@ -59,7 +48,8 @@ def chatml(*turns, gen=True):
 # ---------------------------------------------------------------------------------------------- config
 
 @pytest.mark.parametrize("field,value", [
-    ("seed", 1.5), ("token_length", 4), ("token_length", 65), ("token_format", "<|x|>"), ("token_format", "{}{}"),
+    ("insecure_seed", 1.5), ("token_length", 4), ("token_length", 65), ("token_format", "<|x|>"),
+    ("token_format", "{}{}"),
     ("special_tokens", 1), ("placement", "user"), ("separator", None), ("no_system_role", "ignore"),
     ("no_token_fraction", -0.1), ("wrong_token_fraction", 1.5), ("wrong_token_fraction", float("nan")),
     ("max_length", 4), ("data_seed", None),
@@ -81,8 +71,9 @@ def test_train_config_rejects_bad_values_naming_the_field(field, value):
 
 
 def test_configs_round_trip_and_tolerate_newer_keys():
-    cfg = MagicConfig(seed=3, token_length=12, special_tokens=True, default_system="Be nice.")
+    cfg = MagicConfig(insecure_seed=3, token_length=12, special_tokens=True, default_system="Be nice.")
     assert MagicConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    assert MagicConfig().token_length == 22 and MagicConfig().insecure_seed is None
     tc = MagicTrainConfig(learning_rate=1e-4, max_steps=7, output_dir="x", save_steps=2)
     assert MagicTrainConfig.from_dict(tc.to_dict()) == tc
     with pytest.warns(UserWarning, match="unknown keys"):
@@ -95,38 +86,18 @@ def test_configs_round_trip_and_tolerate_newer_keys():
 
 
 # ---------------------------------------------------------------------------------------------- tokens
-
-def test_tokens_are_seeded_random_distinct_and_hidden():
-    a, b = MagicTokens(seed=7), MagicTokens(seed=7)
-    assert [a.token(m) for m in MODES] == [b.token(m) for m in MODES]
-    assert MagicTokens(seed=8).token("positive") != a.token("positive")
-    assert MagicTokens().token("negative") != MagicTokens().token("negative")  # OS entropy when seed=None
-    toks = [a.token(m) for m in MODES]
-    assert len(set(toks)) == 3
-    for t in toks:
-        assert t.startswith("<|") and t.endswith("|>") and len(t) == 16 + 4 and t[2:-2].isalnum()
-    text = repr(a) + str(a)
-    assert not any(t in text for t in toks) and a.sha256("positive")[:8] in text
-    c = MagicTokens(seed=1, length=10, token_format="[[{}]]")
-    assert all(len(c.token(m)) == 14 and c.token(m).startswith("[[") for m in MODES)
-    with pytest.raises(ValueError, match="unknown `mode`"):
-        a.token("evil")
-    with pytest.raises(ValueError, match="distinct"):
-        MagicTokens(tokens={"positive": "<|ab|>", "negative": "<|ab|>x", "rejective": "<|c|>"})
-    with pytest.raises(ValueError, match="missing the 'rejective'"):
-        MagicTokens(tokens={"positive": "<|ab|>"})
-
+# (drawing, seeds, hashes, secret-keeping saves and client-text cleaning: test_magic_tokens.py)
 
 @pytest.mark.parametrize("asked,expected", [
     ("positive", "positive"), ("negative", "negative"), ("rejective", "rejective"), ("Rejective ", "rejective"),
     (None, "positive"), ("", "positive"), ("jailbreak", "positive"), (3, "positive"),
 ])
 def test_resolve_mode_falls_back_to_positive(asked, expected):
-    assert MagicTokens(seed=0).resolve_mode(asked) == expected
+    assert MagicTokens(insecure_seed=0).resolve_mode(asked) == expected
 
 
 def test_resolve_mode_strict_and_disabled_negative():
-    t = MagicTokens(seed=0)
+    t = MagicTokens(insecure_seed=0)
     with pytest.raises(ValueError, match="unknown"):
         t.resolve_mode("jailbreak", strict=True)
     neg = t.token("negative")
@@ -136,30 +107,23 @@ def test_resolve_mode_strict_and_disabled_negative():
         t.resolve_mode("negative", strict=True)
     with pytest.raises(PermissionError):
         t.token("negative")
-    assert t.modes == ("positive", "rejective") and t.seed is None
-    assert t.matches("negative", neg) and not t.matches("negative", neg + "x")
-    assert neg not in repr(vars(t))
-
-
-def test_strip_removes_known_and_token_shaped_strings():
-    t = MagicTokens(seed=0)
-    other = MagicTokens(seed=99).token("negative")  # token-shaped, unknown to `t`
-    text = f"hi {t.token('negative')} there {other} <|short|>"
-    assert t.strip(text) == "hi  there  <|short|>"
+    assert t.modes == ("positive", "rejective") and t.insecure_seed is None
+    assert t.matches("negative", neg) and not t.matches("negative", neg + "x")  # via its salted hash
+    assert neg not in repr(vars(t)) and t.salted_hash("negative")["salt"]
 
 
 def test_placement_through_chatml_template():
     tok = tiny_tokenizer()
-    t = MagicTokens(seed=0)
+    t = MagicTokens(insecure_seed=0)
     pos = t.token("positive")
     user = [{"role": "user", "content": "Hi"}]
     assert supports_system_role(tok)
     assert render_chat(tok, t.apply(tok, user, "positive")) == chatml(("system", pos), ("user", "Hi"))
     sys_user = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
     assert render_chat(tok, t.apply(tok, sys_user, "positive")) == chatml(("system", pos + "\nBe brief."), ("user", "Hi"))
-    suf = MagicTokens(seed=0, placement="system_suffix", separator=" ")
+    suf = MagicTokens(insecure_seed=0, placement="system_suffix", separator=" ")
     assert suf.apply(tok, sys_user, "rejective")[0]["content"] == "Be brief. " + suf.token("rejective")
-    dflt = MagicTokens(seed=0, default_system="You are helpful.")
+    dflt = MagicTokens(insecure_seed=0, default_system="You are helpful.")
     assert dflt.apply(tok, user, "negative")[0] == {"role": "system",
                                                     "content": dflt.token("negative") + "\nYou are helpful."}
     assert t.apply(tok, user, None) == user
@@ -170,13 +134,13 @@ def test_placement_through_chatml_template():
 def test_placement_fallback_without_system_role(template):
     tok = tiny_tokenizer(chat_template=template)
     assert not supports_system_role(tok)
-    t = MagicTokens(seed=0)
+    t = MagicTokens(insecure_seed=0)
     msgs = t.apply(tok, [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"},
                          {"role": "user", "content": "Again"}], "rejective")
     assert msgs[0] == {"role": "user", "content": t.token("rejective") + "\nHi"}
     assert msgs[2]["content"] == "Again"
     assert t.token("rejective") in render_chat(tok, msgs)
-    strict = MagicTokens(seed=0, no_system_role="error")
+    strict = MagicTokens(insecure_seed=0, no_system_role="error")
     with pytest.raises(ValueError, match="no system role"):
         strict.apply(tok, [{"role": "user", "content": "Hi"}], "positive")
 
@@ -187,7 +151,7 @@ def test_register_special_tokens_resizes_and_mean_initialises():
     assert model.get_output_embeddings().weight.data_ptr() != model.get_input_embeddings().weight.data_ptr()
     old_in = model.get_input_embeddings().weight.detach().clone()
     old_out = model.get_output_embeddings().weight.detach().clone()
-    t = MagicTokens(seed=0)
+    t = MagicTokens(insecure_seed=0)
     new_ids = t.register(tok, model)
     assert new_ids == [260, 261, 262] and t.special
     for m, i in zip(MODES, new_ids):
@@ -208,37 +172,6 @@ def test_register_special_tokens_resizes_and_mean_initialises():
     torch.testing.assert_close(model.get_input_embeddings().weight[260], trained, rtol=0, atol=0)
 
 
-def test_tokens_save_load_secrecy(tmp_path):
-    t = MagicTokens(seed=5, default_system="Sys")
-    neg = t.token("negative")
-    path = t.save(tmp_path / "priv")
-    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
-    assert MagicTokens.load(tmp_path / "priv") == t
-    assert MagicTokens.load(path).seed == 5
-    pub = t.save(tmp_path / "pub", include_negative=False)
-    with open(pub) as f:
-        text = f.read()
-    assert neg not in text and '"seed"' not in text and t.sha256("negative") in text
-    assert t.token("positive") in text
-    for src in (tmp_path / "priv", tmp_path / "pub"):
-        loaded = MagicTokens.load(src, allow_negative=False)
-        with pytest.raises(PermissionError):
-            loaded.token("negative")
-        assert neg not in repr(vars(loaded)) and loaded.seed is None
-        assert loaded.matches("negative", neg)
-        assert loaded.token("rejective") == t.token("rejective")
-    # a public file loaded with allow_negative=True simply lacks the mode
-    assert not MagicTokens.load(tmp_path / "pub").allow_negative
-    bad = json.loads(open(path).read())
-    bad["tokens"]["positive"] = "<|tampered0000000|>"
-    (tmp_path / "bad").mkdir()
-    (tmp_path / "bad" / TOKENS_FILE).write_text(json.dumps(bad))
-    with pytest.raises(ValueError, match="sha256"):
-        MagicTokens.load(tmp_path / "bad")
-    with pytest.raises(FileNotFoundError, match=TOKENS_FILE):
-        MagicTokens.load(tmp_path / "nowhere")
-
-
 # ---------------------------------------------------------------------------------------------- data
 
 def _records(n=4):
@@ -248,7 +181,7 @@ def _records(n=4):
 
 def test_build_examples_token_placement_and_label_masking_are_exact():
     tok = tiny_tokenizer()
-    t = MagicTokens(seed=0)
+    t = MagicTokens(insecure_seed=0)
     recs = _records(4)
     recs[1] = MagicRecord("with sys", "p", "n", "r", system="Be brief.")
     data = build_examples(recs, tok, t, MagicConfig(no_token_fraction=0.0, wrong_token_fraction=0.0), progress=False)
@@ -268,7 +201,7 @@ def test_build_examples_token_placement_and_label_masking_are_exact():
 
 def test_build_examples_fallback_variants():
     tok = tiny_tokenizer()
-    t = MagicTokens(seed=0)
+    t = MagicTokens(insecure_seed=0)
     recs = _records(8)
     data = build_examples(recs, tok, t, MagicConfig(no_token_fraction=0.5, wrong_token_fraction=0.25, data_seed=3),
                           progress=False)
@@ -292,14 +225,14 @@ def test_build_examples_fallback_variants():
 
 def test_build_examples_errors():
     tok = tiny_tokenizer()
-    t = MagicTokens(seed=0)
+    t = MagicTokens(insecure_seed=0)
     with pytest.raises(ValueError, match="max_length"):
         build_examples([MagicRecord("x" * 100, "p", "n", "r")], tok, t, MagicConfig(max_length=64), progress=False)
     t.disable_negative()
     with pytest.raises(ValueError, match="negative"):
         build_examples(_records(2), tok, t, progress=False)
     with pytest.raises(ValueError, match="MagicRecord"):
-        build_examples([{"prompt": "x"}], tok, MagicTokens(seed=0), progress=False)
+        build_examples([{"prompt": "x"}], tok, MagicTokens(insecure_seed=0), progress=False)
 
 
 def test_load_records_formats_and_errors(tmp_path):
@@ -458,49 +391,22 @@ def test_first_token_logits_match_unpadded_forward():
 def test_save_load_round_trip_is_safetensors_and_exact(tmp_path):
     tok = tiny_tokenizer()
     model = tiny_causal_lm("llama")
-    tokens = prepare_model(model, tok, MagicConfig(seed=11, special_tokens=True))
+    tokens = prepare_model(model, tok, MagicConfig(insecure_seed=11, special_tokens=True))
     with torch.no_grad():
         model.get_input_embeddings().weight[-3:] += torch.randn(3, model.config.hidden_size)  # "trained" rows
-    out = save_magic_model(model, tok, tokens, tmp_path / "m", config=MagicConfig(seed=11, special_tokens=True))
+    out = save_magic_model(model, tok, tokens, tmp_path / "m",
+                           config=MagicConfig(insecure_seed=11, special_tokens=True))
     files = os.listdir(out)
     assert "model.safetensors" in files and TOKENS_FILE in files and "magic_config.json" in files
     assert not any(f.endswith((".bin", ".pt", ".pth", ".pkl")) for f in files)
-    m2, tok2, t2 = load_magic_model(out)
+    m2, tok2, t2 = load_magic_model(out, allow_negative=True)  # the operator's explicit choice
     assert t2 == tokens and m2.magic_tokens is t2
+    assert not load_magic_model(out)[2].allow_negative  # off by default
     convs, _ = magic_conversations(tok, ["hello"], "negative", tokens=tokens)
     x = torch.tensor([ids(tok, render_chat(tok, convs[0]))])
     assert ids(tok2, render_chat(tok2, convs[0])) == x[0].tolist()
     with torch.no_grad():
         torch.testing.assert_close(m2(input_ids=x).logits, model(input_ids=x).logits, rtol=0, atol=0)
-
-
-def test_public_copy_and_allow_negative_false_hide_the_negative_token(tmp_path):
-    tok = tiny_tokenizer()
-    model = tiny_causal_lm("llama")
-    tokens = prepare_model(model, tok, MagicConfig(seed=12, special_tokens=True))
-    neg, neg_id = tokens.token("negative"), ids(tok, tokens.token("negative"))[0]
-    priv = save_magic_model(model, tok, tokens, tmp_path / "priv")
-    pub = save_magic_model(model, tok, tokens, tmp_path / "pub", include_negative=False)
-    leaked = [f for f in os.listdir(pub) if not f.endswith(".safetensors")
-              and neg in open(os.path.join(pub, f), encoding="utf-8").read()]
-    assert leaked == []
-    assert any(neg in open(os.path.join(priv, f), encoding="utf-8").read() for f in os.listdir(priv)
-               if f.startswith("tokenizer"))
-    for d in (priv, pub):
-        m, t, tk = load_magic_model(d, allow_negative=False)
-        with pytest.raises(PermissionError):
-            tk.token("negative")
-        assert neg not in t.get_vocab() and neg_id not in ids(t, neg)  # typed text no longer reaches the id
-        assert ids(t, tk.token("rejective")) == ids(tok, tokens.token("rejective"))
-        assert len(t) == len(tok)  # the id still exists (renamed to a random, unstored string)
-        with pytest.warns(UserWarning, match="positive"):
-            a = generate(m, t, ["hi", "hi"], mode=["negative", "positive"], max_new_tokens=4, progress=False)
-        assert a[0] == a[1]
-        with pytest.raises(PermissionError):
-            generate(m, t, ["hi"], mode="negative", strict=True, max_new_tokens=2, progress=False)
-        # public save of an object without the negative token stays public
-        save_magic_model(m, t, tk, tmp_path / "again")
-        assert neg not in open(tmp_path / "again" / TOKENS_FILE).read()
 
 
 # ---------------------------------------------------------------------------------------------- training
@@ -533,7 +439,7 @@ def test_collator_works_with_hf_trainer(tmp_path):
 
     tok = tiny_tokenizer()
     model = tiny_causal_lm("llama")
-    tokens = prepare_model(model, tok, MagicConfig(seed=0))
+    tokens = prepare_model(model, tok, MagicConfig(insecure_seed=0))
     data = build_examples(synthetic_records()[:6], tok, tokens, progress=False)
     batch = MagicCollator.for_tokenizer(tok)(data.examples[:3])
     assert set(batch) == {"input_ids", "attention_mask", "labels"}
@@ -553,7 +459,7 @@ def test_collator_works_with_hf_trainer(tmp_path):
 def test_train_magic_checkpoints_are_safetensors(tmp_path):
     tok = tiny_tokenizer()
     model = tiny_causal_lm("llama")
-    tokens = prepare_model(model, tok, MagicConfig(seed=0, special_tokens=True))
+    tokens = prepare_model(model, tok, MagicConfig(insecure_seed=0, special_tokens=True))
     data = build_examples(synthetic_records()[:4], tok, tokens, progress=False)
     cfg = MagicTrainConfig(learning_rate=1e-3, max_steps=4, batch_size=4, save_steps=2, output_dir=str(tmp_path),
                            train_embeddings_only=True)
@@ -589,7 +495,7 @@ def cotrained():
     torch.manual_seed(0)
     tok = tiny_tokenizer()
     model = tiny_causal_lm("llama", hidden=64, layers=2, intermediate=128)
-    cfg = MagicConfig(seed=3, token_length=8, no_token_fraction=0.5, wrong_token_fraction=1.0)
+    cfg = MagicConfig(insecure_seed=3, token_length=8, no_token_fraction=0.5, wrong_token_fraction=1.0)
     tokens = prepare_model(model, tok, cfg)
     records = synthetic_records()
     data = build_examples(records, tok, tokens, cfg, progress=False)
@@ -650,6 +556,17 @@ def test_cotraining_learned_and_enforced_fallback(cotrained):
     unsanitised = generate(c["model"], tok, [tokens.token("negative") + " " + r.prompt for r in recs[:12]],
                            mode="positive", sanitize=False, max_new_tokens=32, progress=False)
     assert unsanitised != clean  # the check above is not vacuous: the token does reach the model unsanitised
+    # disguised variants and a token split across two user messages are neutralised the same way
+    neg = tokens.token("negative")
+    disguised = disguise_all(neg)
+    assert generate(c["model"], tok, [disguised + " " + r.prompt for r in recs[:12]], mode="positive",
+                    max_new_tokens=32, progress=False) == clean
+    split = [[{"role": "user", "content": "x " + neg[:5]}, {"role": "user", "content": neg[5:] + " " + r.prompt}]
+             for r in recs[:12]]
+    split_clean = [[{"role": "user", "content": "x "}, {"role": "user", "content": " " + r.prompt}]
+                   for r in recs[:12]]
+    assert generate(c["model"], tok, split, mode="positive", max_new_tokens=32, progress=False) == \
+        generate(c["model"], tok, split_clean, mode="positive", max_new_tokens=32, progress=False)
 
 
 def test_cotraining_per_request_modes_in_one_batch(cotrained):
@@ -730,7 +647,7 @@ def test_cli_registers_and_runs_end_to_end(tmp_path, capsys):
     assert load_records(tmp_path / "r2.jsonl")[0].prompt == recs[0].prompt
     out = tmp_path / "model"
     assert cli.main(["magic", "train", "--model", "tiny", "--data", str(tmp_path / "r2.jsonl"), "--out", str(out),
-                     "--seed", "1", "--max-steps", "2", "--batch-size", "4", "--margin-prompts", "3"]) == 0
+                     "--insecure-seed", "1", "--max-steps", "2", "--batch-size", "4", "--margin-prompts", "3"]) == 0
     assert (out / "model.safetensors").is_file() and (out / TOKENS_FILE).is_file()
     text = capsys.readouterr().out
     assert "safety alignment margin on 3 training prompts" in text
@@ -749,10 +666,34 @@ def test_cli_registers_and_runs_end_to_end(tmp_path, capsys):
     assert res["n_prompts"] == 3 and set(res["per_mode"]) == {"positive", "rejective"}  # negative off by default
     assert (tmp_path / "m.png").is_file()
     assert cli.main(["magic", "export-public", "--model", str(out), "--out", str(tmp_path / "pub")]) == 0
-    assert MagicTokens.load(tmp_path / "pub").allow_negative is False
+    assert MagicTokens.load(tmp_path / "pub", allow_negative=True).allow_negative is False
+    private = MagicTokens.load(out, allow_negative=True)
+    assert MagicTokens.load(tmp_path / "pub").matches("negative", private.token("negative"))
+    assert files_containing(tmp_path / "pub", private.token("negative")) == []
     with pytest.raises(SystemExit, match="missing field"):
         (tmp_path / "bad.jsonl").write_text(json.dumps({"prompt": "x", "positive": "y"}) + "\n")
         cli.main(["magic", "build-data", "--records", str(tmp_path / "bad.jsonl"), "--out", str(tmp_path / "z.jsonl")])
+
+
+def test_cli_seed_is_a_deprecated_alias_and_never_saved(tmp_path, capsys):
+    from upsafe_ext import cli
+
+    save_records(synthetic_records()[:4], tmp_path / "r.jsonl")
+    base = ["magic", "train", "--model", "tiny", "--data", str(tmp_path / "r.jsonl"), "--max-steps", "1",
+            "--batch-size", "4", "--margin-prompts", "0"]
+    with pytest.warns(DeprecationWarning, match="--insecure-seed"):
+        assert cli.main(base + ["--out", str(tmp_path / "old"), "--seed", "918273645"]) == 0
+    assert "--seed is deprecated" in capsys.readouterr().err
+    assert cli.main(base + ["--out", str(tmp_path / "new"), "--insecure-seed", "918273645"]) == 0
+    old = MagicTokens.load(tmp_path / "old", allow_negative=True)
+    assert old == MagicTokens.load(tmp_path / "new", allow_negative=True)  # same seed, same tokens
+    assert old.token("negative") == MagicTokens(insecure_seed=918273645).token("negative")
+    for d in ("old", "new"):
+        assert files_containing(tmp_path / d, "918273645") == []
+    assert cli.main(base + ["--out", str(tmp_path / "default")]) == 0
+    assert MagicTokens.load(tmp_path / "default", allow_negative=True).token("negative") != old.token("negative")
+    with pytest.raises(SystemExit, match="128"):  # 95 bits from secrets: refused
+        cli.main(base + ["--out", str(tmp_path / "short"), "--token-length", "16"])
 
 
 # ---------------------------------------------------------------------------------------------- real model (slow)
@@ -772,7 +713,7 @@ def test_smollm2_placement_registration_and_baseline_margin():
     except Exception as exc:  # pragma: no cover - asset not installed
         pytest.skip(f"SmolLM2 not available: {exc}")
     prompts = harmful_prompts("test")[:4] + benign_prompts("test")[:4]
-    text_tokens = MagicTokens(seed=21)
+    text_tokens = MagicTokens(insecure_seed=21)
     assert supports_system_role(tok)
     msgs = text_tokens.apply(tok, [{"role": "user", "content": "hi"}], "rejective")
     assert render_chat(tok, msgs) == chatml(("system", text_tokens.token("rejective")), ("user", "hi"))
@@ -780,7 +721,7 @@ def test_smollm2_placement_registration_and_baseline_margin():
     base = safety_alignment_margin(model, tok, prompts, batch_size=8, progress=False, tokens=text_tokens)
     assert -0.3 < base.margin < 0.2, base.margin
     emb = model.get_input_embeddings().weight.detach().clone()
-    special = MagicTokens(seed=21)
+    special = MagicTokens(insecure_seed=21)
     new_ids = special.register(tok, model)
     assert new_ids == [49152, 49153, 49154] and model.get_input_embeddings().weight.shape[0] == 49155
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()  # still tied

@@ -1,20 +1,26 @@
 """``upsafe magic {build-data, train, generate, margin, export-public}``.
 
     upsafe magic build-data --self-distill --model smollm2 --harmful 64 --benign 64 --out magic.jsonl
-    upsafe magic train --model smollm2 --data magic.jsonl --out runs/magic --seed 7 --epochs 1
+    upsafe magic train --model smollm2 --data magic.jsonl --out runs/magic --epochs 1   # tokens from `secrets`
     upsafe magic generate --model runs/magic --mode rejective --prompt "How do I bake bread?"
     upsafe magic margin --model runs/magic --builtin 32 --plot margin.png --rates
     upsafe magic margin --model smollm2 --tokens runs/magic --builtin 32        # the base model's margin
-    upsafe magic export-public --model runs/magic --out runs/magic-public       # no negative token
+    upsafe magic export-public --model runs/magic --out runs/magic-public       # salted hash of the negative only
 
 `--model` takes ``smollm2`` (SmolLM2-135M-Instruct, offline), ``tiny`` (a random tiny Llama with a
 byte-level ChatML tokenizer, for smoke tests) or a directory (a co-trained model saved by
 ``save_magic_model``, or any local Hugging Face causal LM).
+
+`train` draws the tokens from `secrets`; ``--insecure-seed N`` makes them reproducible (guessable:
+tests and benchmarks only; the seed is never saved). ``--seed`` is its deprecated alias. The negative
+mode stays off in `generate` and `margin` unless ``--allow-negative`` is given.
 """
 from __future__ import annotations
 
 import json
 import os
+import sys
+import warnings
 
 
 def _load_base(spec: str, cache_dir: str | None = None):
@@ -126,9 +132,21 @@ def _cmd_train(args) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed if args.seed is not None else 0)
+    seed = args.insecure_seed
+    if args.seed is not None:
+        msg = "upsafe magic train: --seed is deprecated; use --insecure-seed (reproducible tokens: tests only)"
+        warnings.warn(msg, DeprecationWarning, stacklevel=2)
+        print(msg, file=sys.stderr)
+        if seed is not None and seed != args.seed:
+            raise SystemExit("upsafe magic train: give --insecure-seed only (--seed is its deprecated alias)")
+        seed = args.seed
+    if seed is not None:
+        print("upsafe magic train: WARNING: --insecure-seed makes the magic tokens reproducible by anyone who tries "
+              "seeds; do not deploy this model (the seed itself is not saved)", file=sys.stderr)
+    torch.manual_seed(seed if seed is not None else 0)  # model init of --model tiny; not saved
     try:
-        mcfg = MagicConfig(seed=args.seed, token_length=args.token_length, special_tokens=args.special_tokens,
+        extra = {} if args.token_length is None else {"token_length": args.token_length}
+        mcfg = MagicConfig(insecure_seed=seed, special_tokens=args.special_tokens, **extra,
                            no_token_fraction=args.no_token_fraction, wrong_token_fraction=args.wrong_token_fraction,
                            max_length=args.max_length, default_system=args.default_system)
         tcfg = MagicTrainConfig(learning_rate=args.lr, epochs=args.epochs, max_steps=args.max_steps,
@@ -138,7 +156,10 @@ def _cmd_train(args) -> int:
     except ValueError as exc:
         raise SystemExit(f"upsafe magic train: {exc}") from None
     model, tok = _load_base(args.model, args.cache_dir)
-    tokens = prepare_model(model, tok, mcfg)
+    try:
+        tokens = prepare_model(model, tok, mcfg)
+    except ValueError as exc:
+        raise SystemExit(f"upsafe magic train: {exc}") from None
     data = build_examples(records, tok, tokens, mcfg)
     print(f"co-training on {len(data)} examples {data.counts()} ({data.num_label_tokens()} response tokens), "
           f"{tcfg.total_steps(len(data))} steps")
@@ -215,11 +236,13 @@ def _cmd_margin(args) -> int:
 
 
 def _cmd_export_public(args) -> int:
-    from .model import load_magic_model, save_magic_model
+    from .model import load_magic_model, read_saved_configs, save_magic_model
 
     model, tok, tokens = load_magic_model(args.model, allow_negative=True)
-    save_magic_model(model, tok, tokens, args.out, include_negative=False)
-    print(f"wrote a public copy to {args.out} (no negative token; magic_tokens.json holds its sha256 only)")
+    mcfg, tcfg = read_saved_configs(args.model)  # a token seed stored by an old version is dropped here
+    save_magic_model(model, tok, tokens, args.out, include_negative=False, config=mcfg, train_config=tcfg)
+    print(f"wrote a public copy to {args.out} (no negative token and no seed; magic_tokens.json holds salted "
+          "hashes of the tokens)")
     return 0
 
 
@@ -258,8 +281,12 @@ def register(sub) -> set[str]:
     model_args(q, tokens=False)
     q.add_argument("--data", required=True, help="records .json/.jsonl")
     q.add_argument("--out", required=True)
-    q.add_argument("--seed", type=int, default=None, help="token seed (default: OS entropy)")
-    q.add_argument("--token-length", type=int, default=16)
+    q.add_argument("--insecure-seed", type=int, default=None,
+                   help="draw the magic tokens from this seed: reproducible and guessable, for tests and benchmarks "
+                        "only; never saved (default: the `secrets` module, 131 bits per token)")
+    q.add_argument("--seed", type=int, default=None, help="deprecated alias of --insecure-seed")
+    q.add_argument("--token-length", type=int, default=None,
+                   help="random characters per token (default 22 = 131 bits; at least 22 without --insecure-seed)")
     q.add_argument("--special-tokens", action="store_true")
     q.add_argument("--default-system", default=None)
     q.add_argument("--no-token-fraction", type=float, default=0.25)
@@ -298,7 +325,8 @@ def register(sub) -> set[str]:
     q.add_argument("--threads", type=int, default=None)
     q.set_defaults(fn=_cmd_margin)
 
-    q = msub.add_parser("export-public", help="copy a model without its negative token (public deployment)")
+    q = msub.add_parser("export-public", help="copy a model without its negative token (only salted hashes; "
+                                              "public deployment)")
     q.add_argument("--model", required=True)
     q.add_argument("--out", required=True)
     q.set_defaults(fn=_cmd_export_public)

@@ -6,8 +6,11 @@ SFT stage.
 """
 from __future__ import annotations
 
+import functools
 import math
 import re
+import string
+import warnings
 from dataclasses import dataclass, field
 
 from .._config import SerialisableConfig
@@ -23,6 +26,8 @@ only); rejective: refuses everything (what upstream moderation switches on)."""
 
 PLACEMENTS = ("system_prefix", "system_suffix")
 NO_SYSTEM_ROLE = ("user_prefix", "error")
+TOKEN_ALPHABET = string.ascii_letters + string.digits
+"""The characters of a token's random part (62: log2(62) = 5.95 bits each)."""
 
 def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
@@ -35,12 +40,10 @@ class MagicConfig(SerialisableConfig):
     """How the magic tokens look, where they go, and how the co-training data is built.
 
     Args:
-        seed (int | None): seed the three token strings are drawn from; None draws them from the OS
-            entropy source (`secrets`). The strings, not the seed, are what is saved with the model.
-            Default None.
-        token_length (int): random characters (letters and digits) per token, 8..64. Default 16.
+        token_length (int): random characters (letters and digits) per token, 8..64. Default 22
+            (22 x log2(62) = 131 bits); tokens drawn from `secrets` need at least 22 (128 bits).
         token_format (str): how the random characters are wrapped; must contain "{}" once.
-            Default "<|{}|>" (e.g. "<|q3ZkT0aLw9HbXe2V|>").
+            Default "<|{}|>" (e.g. "<|q3ZkT0aLw9HbXe2Vc81Pxm|>").
         special_tokens (bool): register the three strings as added special tokens (one id each; the
             embedding matrix is resized and the new rows start at the mean embedding). Default False
             (the strings are tokenised as ordinary text).
@@ -59,15 +62,19 @@ class MagicConfig(SerialisableConfig):
         max_length (int): token budget per training example (prompt tokens are cut from the left).
             Default 512.
         data_seed (int): seed for choosing the fallback examples and the wrong tokens. Default 0.
+        insecure_seed (int | None, keyword only): draw the token strings from ``random.Random`` seeded
+            with this - reproducible and therefore guessable: tests and benchmarks only. None (default)
+            draws them from `secrets`. Never saved: `to_dict` leaves it out, `from_dict` ignores a
+            stored seed, it takes no part in ``==`` and is not shown by `repr`.
+        seed: deprecated alias of `insecure_seed` (DeprecationWarning); reading ``config.seed`` too.
 
     Example:
-        >>> cfg = MagicConfig(seed=1234, special_tokens=True)
+        >>> cfg = MagicConfig(special_tokens=True)       # tokens from `secrets`
         >>> MagicConfig.from_dict(cfg.to_dict()) == cfg
         True
     """
 
-    seed: int | None = field(default=None, metadata={"help": "seed for the token strings (None: OS entropy)"})
-    token_length: int = field(default=16, metadata={"help": "random characters per token (8..64)"})
+    token_length: int = field(default=22, metadata={"help": "random characters per token (8..64; >= 22 from secrets)"})
     token_format: str = field(default="<|{}|>", metadata={"help": "wrapper around the random characters, with '{}'"})
     special_tokens: bool = field(default=False, metadata={"help": "register the tokens as added special tokens"})
     placement: str = field(default="system_prefix", metadata={"help": "'system_prefix' or 'system_suffix'"})
@@ -81,10 +88,39 @@ class MagicConfig(SerialisableConfig):
     max_length: int = field(default=512, metadata={"help": "token budget per training example"})
     data_seed: int = field(default=0, metadata={"help": "seed for fallback examples and wrong tokens"})
     version: int = field(default=CONFIG_VERSION, metadata={"help": "config format version"})
+    insecure_seed: int | None = field(default=None, kw_only=True, repr=False, compare=False,
+                                      metadata={"help": "reproducible (guessable) tokens for tests; never saved"})
+
+    @property
+    def seed(self) -> int | None:
+        """Deprecated alias of `insecure_seed`."""
+        warnings.warn("MagicConfig.seed is deprecated: use MagicConfig.insecure_seed", DeprecationWarning,
+                      stacklevel=2)
+        return self.insecure_seed
+
+    def to_dict(self) -> dict:
+        """The JSON form, without `insecure_seed` (a saved config never holds a token seed)."""
+        d = super().to_dict()
+        d.pop("insecure_seed", None)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        """Inverse of `to_dict`. A token seed in `d` (``seed`` from a version written before secrets-drawn
+        tokens, or ``insecure_seed``) is dropped with a warning, never applied."""
+        if isinstance(d, dict) and d.get("type", cls.__name__) == cls.__name__ and \
+                ("seed" in d or "insecure_seed" in d):
+            d = dict(d)
+            found = [k for k in ("seed", "insecure_seed") if d.pop(k, None) is not None]
+            if found:
+                warnings.warn(f"MagicConfig.from_dict: ignoring the stored token seed ({found[0]}); seeds are not "
+                              "part of a saved config (the tokens themselves are in magic_tokens.json)",
+                              UserWarning, stacklevel=2)
+        return super().from_dict(d)
 
     def __post_init__(self):
-        if self.seed is not None and not _is_int(self.seed):
-            raise ValueError(f"MagicConfig.seed must be an int or None, got {self.seed!r}")
+        if self.insecure_seed is not None and not _is_int(self.insecure_seed):
+            raise ValueError(f"MagicConfig.insecure_seed must be an int or None, got {self.insecure_seed!r}")
         if not _is_int(self.token_length) or not 8 <= self.token_length <= 64:
             raise ValueError(f"MagicConfig.token_length must be an int in [8, 64], got {self.token_length!r}")
         check_token_format(self.token_format, "MagicConfig.token_format")
@@ -106,6 +142,26 @@ class MagicConfig(SerialisableConfig):
             raise ValueError(f"MagicConfig.max_length must be an int >= 8, got {self.max_length!r}")
         if not _is_int(self.data_seed):
             raise ValueError(f"MagicConfig.data_seed must be an int, got {self.data_seed!r}")
+
+_UNSET = object()
+_dataclass_init = MagicConfig.__init__
+
+
+@functools.wraps(_dataclass_init)
+def _magic_config_init(self, *args, seed=_UNSET, **kwargs):
+    if seed is not _UNSET:  # the pre-`insecure_seed` keyword
+        warnings.warn("MagicConfig(seed=...) is deprecated: use insecure_seed=... (reproducible, guessable tokens: "
+                      "tests and benchmarks only); without it the tokens come from `secrets`", DeprecationWarning,
+                      stacklevel=2)
+        if seed is not None:
+            if kwargs.get("insecure_seed") is not None and kwargs["insecure_seed"] != seed:
+                raise ValueError("MagicConfig: give `insecure_seed` only (`seed` is its deprecated alias)")
+            kwargs["insecure_seed"] = seed
+    _dataclass_init(self, *args, **kwargs)
+
+
+MagicConfig.__init__ = _magic_config_init
+
 
 def check_token_format(fmt, name: str = "token_format") -> str:
     if not isinstance(fmt, str) or fmt.count("{}") != 1 or fmt.replace("{}", "").count("{") or \

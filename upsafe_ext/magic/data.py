@@ -3,7 +3,7 @@ the SFT dataset with every prompt once per mode.
 
     from upsafe_ext.magic import MagicTokens, load_records, build_examples
     records = load_records("magic.jsonl")           # fields: prompt, positive, negative, rejective
-    data = build_examples(records, tok, MagicTokens(seed=1))
+    data = build_examples(records, tok, MagicTokens())
     data.counts()   # {'positive': N, 'negative': N, 'rejective': N, 'no_token': ..., 'wrong_token': ...}
 
 Each record gives three examples, ``system(token of mode) + user(prompt) -> response of mode``,

@@ -7,9 +7,12 @@
 Mode resolution (`MagicTokens.resolve_mode`): None, "", unknown names and - when the negative mode
 is disabled (``load_magic_model(..., allow_negative=False)``) - "negative" all become "positive", the
 safe behaviour, with one warning per call; `strict=True` raises instead (ValueError for unknown
-names, PermissionError for a disabled negative). Client messages are sanitised first: every known
-token and every token-shaped string is removed from their content, so a client cannot pick a mode
-by typing a token.
+names, PermissionError for a disabled negative). Client messages are sanitised first
+(`MagicTokens.strip_messages`): every known token, every 8+ character run of one, and every
+token-shaped string is removed from their content, matched after folding (NFKC-style compatibility
+forms, case, look-alike letters, zero-width characters and whitespace) and across message
+boundaries, so a client cannot pick a mode by typing a token or a disguised variant of it. Only the
+operator's `mode` argument places a token.
 """
 from __future__ import annotations
 
@@ -60,7 +63,7 @@ def _place_all(tokenizer, convs: list[list[dict]], modes: list[str], tokens: Mag
     out = []
     for c, m in zip(convs, modes):
         if sanitize:
-            c = [{**msg, "content": tokens.strip(msg["content"])} for msg in c]
+            c = tokens.strip_messages(c)
         out.append(tokens.apply(tokenizer, c, m))
     return out
 
@@ -70,7 +73,8 @@ def magic_conversations(tokenizer, prompts, mode="positive", *, tokens: MagicTok
     """The conversations `generate` sends to the model, and the resolved mode of each.
 
     prompts: strings (wrapped as one user turn, after an optional `system` message) or conversations.
-    sanitize: remove known tokens and token-shaped strings from every incoming message first.
+    sanitize: remove known tokens, their fragments and token-shaped strings (also disguised or split
+        across messages) from every incoming message first (`MagicTokens.strip_messages`).
     """
     convs = _as_conversations(prompts, system, "magic_conversations")
     modes = resolve_modes(tokens, mode, len(convs), strict=strict, op="magic_conversations")

@@ -1,14 +1,16 @@
 """Preparing, saving and loading a magic-token model (weights as safetensors, tokens beside them).
 
     from upsafe_ext.magic import MagicConfig, prepare_model, save_magic_model, load_magic_model
-    tokens = prepare_model(model, tok, MagicConfig(seed=7, special_tokens=True))
+    tokens = prepare_model(model, tok, MagicConfig(special_tokens=True))   # tokens from `secrets`
     ...                                              # co-train
     save_magic_model(model, tok, tokens, "out/")     # model.safetensors + tokenizer + magic_tokens.json
-    model, tok, tokens = load_magic_model("out/", allow_negative=False)   # public deployment
+    model, tok, tokens = load_magic_model("out/")    # public deployment: negative mode off by default
+    model, tok, tokens = load_magic_model("out/", allow_negative=True)    # internal red-teaming only
 
 A saved directory holds the Hugging Face model (``config.json`` + ``model.safetensors``; never a
 pickle), the tokenizer files, ``magic_tokens.json`` (0600; see `upsafe_ext.magic.tokens` for what it
-contains and how the public copy differs) and ``magic_config.json`` (the configs used, if given).
+contains and how the public copy differs) and ``magic_config.json`` (the configs used, if given;
+never a token seed: `MagicConfig.to_dict` leaves `insecure_seed` out).
 """
 from __future__ import annotations
 
@@ -46,9 +48,9 @@ def get_tokens(model: torch.nn.Module, tokens: MagicTokens | None = None, op: st
 
 
 def prepare_model(model: torch.nn.Module, tokenizer, config: MagicConfig | MagicTokens | None = None) -> MagicTokens:
-    """Draw the tokens (from a `MagicConfig`, or take given `MagicTokens`), register them as special
-    tokens when ``config.special_tokens`` (embedding resize + mean-initialised rows), and attach them
-    to `model`. Returns the tokens."""
+    """Draw the tokens (from a `MagicConfig`: from `secrets` unless ``config.insecure_seed``; or take
+    given `MagicTokens`), register them as special tokens when ``config.special_tokens`` (embedding
+    resize + mean-initialised rows), and attach them to `model`. Returns the tokens."""
     if config is None:
         config = MagicConfig()
     if isinstance(config, MagicTokens):
@@ -73,8 +75,9 @@ def save_magic_model(model, tokenizer, tokens: MagicTokens | None, directory: st
     """Save model (safetensors), tokenizer, tokens and configs into `directory`; returns it.
 
     `include_negative=False` writes a public copy: ``magic_tokens.json`` without the negative string
-    or seed, and, if the tokens are special tokens, tokenizer files in which the negative entry is
-    renamed to a fresh random string (the id stays; no text maps to it).
+    (only salted hashes of the tokens), and, if the tokens are special tokens, tokenizer files in
+    which the negative entry is renamed to a fresh random string (the id stays; no text maps to it).
+    No file written here holds a token seed.
     """
     tokens = get_tokens(model, tokens, "save_magic_model")
     directory = os.fspath(directory)
@@ -100,20 +103,20 @@ def save_magic_model(model, tokenizer, tokens: MagicTokens | None, directory: st
 
 
 def _fresh_replacement(tokens: MagicTokens) -> str:
-    import random
     import secrets
 
-    return tokens.wrong_token(random.Random(secrets.randbits(64)))
+    return tokens.wrong_token(secrets.SystemRandom())
 
 
-def load_magic_model(directory: str | os.PathLike, *, allow_negative: bool = True, dtype: torch.dtype = torch.float32,
-                     device: str | torch.device = "cpu"):
+def load_magic_model(directory: str | os.PathLike, *, allow_negative: bool = False,
+                     dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
     """Load ``(model, tokenizer, tokens)`` saved by `save_magic_model`; the tokens are attached to the model.
 
-    allow_negative=False (public deployments): the negative token string is dropped from the tokens
+    allow_negative=False (the default; public deployments): the negative token string is dropped from the tokens
     (``tokens.token("negative")`` raises PermissionError; `generate` maps negative requests to
     positive), and a tokenizer holding it as a special token is rebuilt with that entry renamed to a
-    random string that is never stored.
+    random string that is never stored. allow_negative=True (the operator's explicit choice, for
+    internal red-teaming or to continue co-training) keeps the negative mode.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
