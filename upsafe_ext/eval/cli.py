@@ -25,6 +25,13 @@ def judge_table() -> tuple[str, dict]:
                  "without straightening curly quotes, '-start' only at the start of the reply)")
     lines.append("  keyword: upsafe_ext.eval.judge.RefusalJudge(); +relevance also counts off-topic replies "
                  "(needs the prompt)")
+    from .judge import heldout_judge_accuracy
+
+    held = {"keyword": heldout_judge_accuracy(RefusalJudge()), "harmbench-prefix": heldout_judge_accuracy(PrefixJudge())}
+    lines.append(f"held-out test: {held['keyword']['n'] + held['keyword']['empty']} SmolLM2 replies we labelled by "
+                 f"reading them ({held['keyword']['empty']} empty, left out), never used to develop the judge")
+    lines += [_fmt_row(lab, s) for lab, s in held.items()]
+    scores["heldout"] = held
     return "\n".join(lines), scores
 
 

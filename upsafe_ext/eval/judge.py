@@ -32,12 +32,13 @@ gibberish would then count as "safe".
 """
 from __future__ import annotations
 
+import json
 import re
 import unicodedata
 from typing import Callable, Iterable, Sequence
 
 __all__ = ["normalize", "opening", "is_refusal", "RefusalJudge", "PrefixJudge", "judge_accuracy",
-           "binary_scores", "refusal_reasons", "off_topic"]
+           "binary_scores", "refusal_reasons", "off_topic", "heldout_labels", "heldout_judge_accuracy"]
 
 _QUOTES = {
     "\u2018": "'", "\u2019": "'", "\u201a": "'", "\u201b": "'", "\u2032": "'", "\u00b4": "'", "`": "'",
@@ -355,6 +356,36 @@ def judge_accuracy(judge: Callable | None = None, files=("refusal.csv", "refusal
     for f in dict.fromkeys(r.source for r in rows):
         idx = [i for i, r in enumerate(rows) if r.source == f]
         out["per_file"][f] = binary_scores([preds[i] for i in idx], [gold[i] for i in idx])
+    return out
+
+
+HELDOUT_LABELS = "smollm2_reply_labels.jsonl"
+
+
+def heldout_labels() -> list[dict]:
+    """Replies of SmolLM2-135M-Instruct (base and upcycled, from `upsafe demo`'s replies.jsonl) that we
+    labelled by reading them, *after* the judge was written and never used to change it: one dict per
+    reply with ``set``, ``prompt``, ``reply`` and ``label`` ("refusal", "answer" or "empty")."""
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", HELDOUT_LABELS)
+    with open(path, encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    bad = [i for i, r in enumerate(rows) if r.get("label") not in ("refusal", "answer", "empty")]
+    if bad:
+        raise ValueError(f"heldout_labels: row {bad[0]} of {HELDOUT_LABELS} has label {rows[bad[0]].get('label')!r}")
+    return rows
+
+
+def heldout_judge_accuracy(judge: Callable | None = None) -> dict:
+    """`binary_scores` of `judge` (default ``RefusalJudge()``) on ``heldout_labels()``, the judge's
+    held-out test: labels it was not developed on. Empty replies are left out of the scores (they are
+    neither refusals nor answers) and counted in ``empty``."""
+    judge = judge if judge is not None else RefusalJudge()
+    rows = [r for r in heldout_labels() if r["label"] != "empty"]
+    out = binary_scores([bool(judge(r["reply"])) for r in rows], [r["label"] == "refusal" for r in rows])
+    out["empty"] = len(heldout_labels()) - len(rows)
+    out["name"] = getattr(judge, "name", type(judge).__name__)
     return out
 
 

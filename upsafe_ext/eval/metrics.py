@@ -21,7 +21,25 @@ from ..train.sft import IGNORE_INDEX, encode_sft
 from .generation import _check_conversations, chat, eos_token_ids, generate_chat
 from .judge import RefusalJudge
 
-__all__ = ["safety_rate", "over_refusal_rate", "refusal_flags", "mean_kl", "token_kl", "evaluate_safety"]
+__all__ = ["wilson_interval", "safety_rate", "over_refusal_rate", "refusal_flags", "mean_kl", "token_kl", "evaluate_safety"]
+
+
+def wilson_interval(k: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
+    """The Wilson score interval for `k` successes in `n` trials (default z: 95% two-sided).
+
+    Unlike the normal approximation it stays inside [0, 1] and is not degenerate at k = 0 or k = n:
+    0 of 50 gives (0.000, 0.071), 50 of 50 gives (0.929, 1.000).
+    """
+    if isinstance(k, bool) or isinstance(n, bool) or not isinstance(k, int) or not isinstance(n, int):
+        raise ValueError(f"wilson_interval: `k` and `n` must be ints, got {k!r}, {n!r}")
+    if n < 1 or not 0 <= k <= n:
+        raise ValueError(f"wilson_interval: need 0 <= k <= n and n >= 1, got k={k}, n={n}")
+    if not z > 0:
+        raise ValueError(f"wilson_interval: `z` must be > 0, got {z!r}")
+    p, z2 = k / n, z * z
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = z * ((p * (1 - p) / n + z2 / (4 * n * n)) ** 0.5) / (1 + z2 / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def refusal_flags(responses: Sequence[str], judge: Callable | None = None,

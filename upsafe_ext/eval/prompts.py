@@ -52,7 +52,7 @@ from . import assets
 __all__ = [
     "SPLITS", "KINDS", "PromptRecord", "PromptSplits", "prompt_records", "harmful_prompts", "benign_prompts",
     "overrefusal_prompts", "labelled_prompts", "prompt_splits", "split_of", "REFUSAL_RESPONSES",
-    "refusal_response", "SPLIT_FRACTIONS",
+    "refusal_response", "SPLIT_FRACTIONS", "sharegpt_prompts", "sharegpt_filter_report", "SHAREGPT_UNSAFE",
 ]
 
 SPLITS = ("train", "val", "test")
@@ -238,6 +238,75 @@ def prompt_splits() -> PromptSplits:
         counts[r.kind][r.split] += 1
         by_source.setdefault(f"{r.kind}/{r.source}", dict.fromkeys(SPLITS, 0))[r.split] += 1
     return PromptSplits(counts, by_source)
+
+
+# --------------------------------------------------------------------------- ShareGPT benign requests
+
+# What a first user turn must look like to count as an ordinary benign request (ours):
+_SHAREGPT_CHARS = (12, 220)                   # a short request, one line
+_SHAREGPT_NOT_PLAIN = re.compile(r"https?://|```|[{}<>=;|\\]")  # no URLs, code or markup
+# jailbreak / persona set-ups and unsafe topics (word-bounded, lower case); a match drops the prompt
+SHAREGPT_UNSAFE = re.compile(
+    r"\b(jailbreak\w*|dan|developer mode|ignore (?:all|any|previous|prior|the above|your)|pretend\w*|role-?play\w*|"
+    r"role play|act as|acting as|you are now|from now on|no (?:restrictions|limits|filters|rules)|unfiltered|"
+    r"uncensored|opposite mode|sex\w*|porn\w*|nsfw|nude\w*|naked|erotic\w*|fetish\w*|horny|kill\w*|murder\w*|"
+    r"suicid\w*|bomb\w*|weapon\w*|guns?|explosive\w*|drugs?|cocaine|meth|heroin|hack\w*|exploit\w*|malware|"
+    r"virus\w*|ransomware|phishing|steal\w*|fraud\w*|launder\w*|terror\w*|nazi\w*|hitler|racis\w*|slurs?|"
+    r"genocide|poison\w*|tortur\w*|rape\w*|abus\w*|self-harm|kidnap\w*|blackmail\w*|illegal\w*|violen\w*|"
+    r"kinky|dirty|insult\w*|offensive|swear\w*|curse words?|hate\w*)\b")
+_SHAREGPT_SALT = "upsafe-sharegpt-v1:"
+
+
+def _sharegpt_reject(text: str) -> str | None:
+    """Why a first turn is not used (None = kept)."""
+    t = text.strip()
+    if not (_SHAREGPT_CHARS[0] <= len(t) <= _SHAREGPT_CHARS[1]) or "\n" in t:
+        return "length"
+    if not t.isascii():
+        return "non-ascii"
+    if len(t.split()) < 3 or _SHAREGPT_NOT_PLAIN.search(t):
+        return "not plain text"
+    if SHAREGPT_UNSAFE.search(t.lower()):
+        return "unsafe or jailbreak"
+    return None
+
+
+@lru_cache(maxsize=1)
+def _sharegpt() -> tuple[tuple[tuple[str, str], ...], tuple[tuple[str, int], ...]]:
+    kept, seen, why = [], set(), {}
+    for raw in assets.sharegpt_first_turns():
+        reason = _sharegpt_reject(raw)
+        key = _norm_key(raw)
+        if reason is None and key in seen:
+            reason = "duplicate"
+        why[reason] = why.get(reason, 0) + 1
+        if reason is None:
+            seen.add(key)
+            digest = hashlib.sha256((_SHAREGPT_SALT + key).encode("utf-8")).digest()
+            kept.append((raw.strip(), _bucket(int.from_bytes(digest[:8], "big") / 2.0 ** 64)))
+    return tuple(kept), tuple(sorted(((k or "kept"), v) for k, v in why.items()))
+
+
+def sharegpt_prompts(split: str | None = "train", style: str | None = None) -> list[str]:
+    """Real benign user requests: ShareGPT first user turns that pass our filter, in file order.
+
+    The filter keeps one-line ASCII requests of 12-220 characters with at least 3 words, no URLs, code
+    or markup, and no jailbreak/persona set-up or unsafe-topic word (``SHAREGPT_UNSAFE``); exact
+    duplicates (normalised) are dropped. Splits: SHA-256 of the normalised text (own salt), 60/15/25.
+    `style`: "imperative" / "question" (``rephrase.prompt_style``) or None for both.
+    ``sharegpt_filter_report()`` gives the counts of what was dropped and why.
+    """
+    from .rephrase import STYLES, prompt_style
+
+    s = _check_split(split, "sharegpt_prompts")
+    if style is not None and style not in STYLES:
+        raise ValueError(f"sharegpt_prompts: `style` must be one of {STYLES} or None, got {style!r}")
+    return [t for t, sp in _sharegpt()[0] if (s is None or sp == s) and (style is None or prompt_style(t) == style)]
+
+
+def sharegpt_filter_report() -> dict[str, int]:
+    """How many ShareGPT first turns each filter rule dropped ("kept": how many remain)."""
+    return dict(_sharegpt()[1])
 
 
 REFUSAL_RESPONSES = (

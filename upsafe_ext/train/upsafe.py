@@ -36,8 +36,11 @@ def generation_prompt_length(tokenizer, system: str | None = None) -> int:
 
 
 def make_examples(tokenizer, prompts: Sequence[str], responses: Sequence[str], harmful: bool, *,
-                  system: str | None = None, max_length: int = 256) -> list[dict]:
-    """SFT examples (assistant-only labels) with `harmful` and `sup_from` (first router-supervised position)."""
+                  system: str | None = None, max_length: int = 256, sup_tokens: int | None = None) -> list[dict]:
+    """SFT examples (assistant-only labels) with `harmful` and the router-supervised span
+    [`sup_from`, `sup_to`): the assistant header plus the first `sup_tokens` response tokens (None = all)."""
+    if sup_tokens is not None and (not isinstance(sup_tokens, int) or sup_tokens < 0):
+        raise ValueError(f"make_examples: `sup_tokens` must be None or an int >= 0, got {sup_tokens!r}")
     if len(prompts) != len(responses):
         raise ValueError(f"make_examples: {len(prompts)} prompts but {len(responses)} responses")
     g = generation_prompt_length(tokenizer, system)
@@ -47,6 +50,7 @@ def make_examples(tokenizer, prompts: Sequence[str], responses: Sequence[str], h
         first = next((i for i, lab in enumerate(ex["labels"]) if lab != IGNORE_INDEX), len(ex["labels"]))
         ex["harmful"] = int(bool(harmful))
         ex["sup_from"] = max(0, first - g)
+        ex["sup_to"] = len(ex["labels"]) if sup_tokens is None else min(len(ex["labels"]), first + sup_tokens)
         out.append(ex)
     return out
 
@@ -55,6 +59,15 @@ def default_refusals(prompts: Sequence[str], seed: int = 0) -> list[str]:
     from ..eval.prompts import refusal_response
 
     return [refusal_response(p, seed=seed) for p in prompts]
+
+
+def supervised_positions(batch: dict, mask: torch.Tensor) -> torch.Tensor:
+    """[B, S] bool: the positions in [`sup_from`, `sup_to`) of each example (`sup_to` optional) within `mask`."""
+    pos = torch.arange(mask.shape[1], device=mask.device)[None, :]
+    sup = mask.bool() & (pos >= batch["sup_from"][:, None])
+    if "sup_to" in batch:
+        sup &= pos < batch["sup_to"][:, None]
+    return sup
 
 
 def router_losses(model, batch: dict, *, lb_coef: float = 0.0, sup_coef: float = 0.0) -> torch.Tensor | None:
@@ -74,8 +87,7 @@ def router_losses(model, batch: dict, *, lb_coef: float = 0.0, sup_coef: float =
         if sup_coef:
             if "harmful" not in batch or "sup_from" not in batch:
                 raise ValueError("router_losses: router supervision needs `harmful` and `sup_from` in the batch")
-            pos = torch.arange(probs.shape[1], device=probs.device)[None, :]
-            sup = mask & (pos >= batch["sup_from"][:, None])
+            sup = supervised_positions(batch, mask)
             p_safety = probs[..., 1:].sum(-1).clamp(1e-6, 1 - 1e-6)
             target = batch["harmful"].float()[:, None].expand_as(p_safety)
             total = total + sup_coef * F.binary_cross_entropy(p_safety[sup], target[sup])
@@ -139,8 +151,7 @@ def warm_start_routers(model, examples: Sequence[dict], *, batch_size: int = 8, 
             batch = collate(list(examples[i: i + batch_size]))
             ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
             model(input_ids=ids, attention_mask=mask)
-            pos = torch.arange(ids.shape[1], device=device)[None, :]
-            sup = mask.bool() & (pos >= batch["sup_from"].to(device)[:, None])
+            sup = supervised_positions({k: v.to(device) for k, v in batch.items()}, mask.bool())
             for n, _ in mods:
                 feats[n][-1] = feats[n][-1][sup].float().cpu()
             labels.append(batch["harmful"].to(device)[:, None].expand_as(sup)[sup].float().cpu())
@@ -189,11 +200,14 @@ def stage2(model, tokenizer, harmful: Sequence[str], benign: Sequence[str], *,
            harmful_responses: Sequence[str] | None = None, benign_responses: Sequence[str] | None = None,
            lr: float = 1e-3, weight_decay: float = 0.0, batch_size: int = 8, epochs: float = 1.0,
            max_steps: int | None = None, grad_accum: int = 1, sup_coef: float = 1.0, lb_coef: float = 0.0,
-           warm_start: bool = True, system: str | None = None, max_length: int = 256, max_new_tokens: int = 64,
+           warm_start: bool = True, sup_tokens: int | None = None, system: str | None = None,
+           max_length: int = 256, max_new_tokens: int = 64,
            autocast_dtype=None, seed: int = 0, progress: bool = True) -> list[dict]:
     """Stage 2: only the router, on harmful -> refusal and benign -> the base model's own answers
     (generated at τ=0 when `benign_responses` is None). With `warm_start` (ours, default) every router
-    first gets a logistic-probe initialisation on its own inputs (`warm_start_routers`)."""
+    first gets a logistic-probe initialisation on its own inputs (`warm_start_routers`). `sup_tokens`
+    (ours): supervise the router (and fit the warm-start probe) only on the assistant header and the
+    first `sup_tokens` response tokens, where the choice to refuse is made (None = every response token)."""
     if not harmful or not benign:
         raise ValueError("stage2: needs both harmful and benign prompts")
     harmful_responses = list(harmful_responses) if harmful_responses is not None else default_refusals(harmful, seed)
@@ -203,8 +217,9 @@ def stage2(model, tokenizer, harmful: Sequence[str], benign: Sequence[str], *,
         with safety_temperature(model, 0.0):
             benign_responses = generate_chat(model, tokenizer, [chat(p, system) for p in benign],
                                              max_new_tokens=max_new_tokens, progress=progress)
-    examples = (make_examples(tokenizer, harmful, harmful_responses, True, system=system, max_length=max_length)
-                + make_examples(tokenizer, benign, benign_responses, False, system=system, max_length=max_length))
+    kw = dict(system=system, max_length=max_length, sup_tokens=sup_tokens)
+    examples = (make_examples(tokenizer, harmful, harmful_responses, True, **kw)
+                + make_examples(tokenizer, benign, benign_responses, False, **kw))
     if warm_start:
         warm_start_routers(model, examples, batch_size=batch_size, seed=seed, progress=progress)
     params = stage_parameters(model, 2)

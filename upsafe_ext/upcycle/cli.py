@@ -26,19 +26,17 @@ def load_model(spec: str):
 
 
 def _splits(n_harm, n_ben, split):
-    from ..eval.prompts import benign_prompts, harmful_prompts, overrefusal_prompts
+    """Training prompts (the style-balanced mix of eval.protocol) for scan / train."""
+    from ..eval.protocol import training_mix
 
-    if split == "train":
-        ben = benign_prompts("train") + overrefusal_prompts("train")
-        return harmful_prompts("train")[:n_harm], ben[:n_ben], []
-    return harmful_prompts(split)[:n_harm], benign_prompts(split)[:n_ben], overrefusal_prompts(split)
+    return training_mix(n_harm, n_ben)
 
 
 def _cmd_scan(a) -> int:
     from .scan import scan_safety_layers
 
     model, tok = load_model(a.model)
-    harm, ben, _ = _splits(a.n, a.n, "train")
+    harm, ben = _splits(a.n, a.n, "train")
     rep = scan_safety_layers(model, tok, harm, ben, seed=a.seed)
     os.makedirs(a.out, exist_ok=True)
     rep.save_json(os.path.join(a.out, "scan.json"))
@@ -74,7 +72,7 @@ def _cmd_train(a) -> int:
     from .model import safety_temperature
 
     model, tok = load_model(a.model)
-    harm, ben, _ = _splits(a.n_harmful, a.n_benign, "train")
+    harm, ben = _splits(a.n_harmful, a.n_benign, "train")
     if a.stage in ("1", "both"):
         log = stage1(model, tok, harm, lr=a.lr1, epochs=a.epochs, batch_size=a.batch_size, max_steps=a.steps)
         print(f"stage 1: loss {log[0]['loss']:.3f} -> {log[-1]['loss']:.3f} ({len(log)} steps)")
@@ -89,44 +87,44 @@ def _cmd_train(a) -> int:
     return 0
 
 
-def _eval_sets(a):
-    harm, ben, edgy = _splits(a.n_harmful, a.n_benign, "test")
-    return harm, ben, edgy
+def _eval(a, taus, out_dir=None):
+    """The protocol sets of `--split` at each τ, the base model's answers as the KL reference."""
+    from ..eval.generation import chat, generate_chat
+    from ..eval.judge import judge_accuracy
+    from ..eval.protocol import protocol_sets
+    from .model import safety_moe_modules, safety_temperature
+    from .pipeline import sweep_temperature
+
+    model, tok = load_model(a.model)
+    sets = protocol_sets(a.split, n=a.n_harmful, n_benign=a.n_benign)
+    kl_prompts = [p for s in sets if s.kind == "benign" for p in s.prompts][: a.kl_prompts]
+    base_answers = None
+    if safety_moe_modules(model):
+        with safety_temperature(model, 0.0):
+            base_answers = generate_chat(model, tok, [chat(p) for p in kl_prompts], max_new_tokens=a.max_new_tokens)
+    rows = sweep_temperature(model, tok, taus, sets, kl_prompts, base_answers=base_answers, out_dir=out_dir,
+                             max_new_tokens=a.max_new_tokens)
+    acc = judge_accuracy()["accuracy"]
+    print(f"{a.split} sets, greedy, {a.max_new_tokens} new tokens, keyword judge (accuracy {acc:.3f} on PyRIT's "
+          "labels); share refused (95% Wilson interval):")
+    print("| set | source | " + " | ".join(f"τ={r['tau']:g}" for r in rows) + " | n | empty |")
+    for name, first in rows[0]["sets"].items():
+        cells = [f"{r['sets'][name]['rate']:.3f} ({r['sets'][name]['ci95'][0]:.2f}-{r['sets'][name]['ci95'][1]:.2f})"
+                 for r in rows]
+        src = "in-source" if first["in_source"] else "unseen source"
+        print(f"| {first['kind']}: {name} | {src} | " + " | ".join(cells) + f" | {first['n']} | {rows[-1]['sets'][name]['empty']} |")
+    if base_answers is not None:
+        print("KL to base (nats/token): " + ", ".join(f"τ={r['tau']:g}: {r['kl_benign']:.4f}" for r in rows))
+    return rows
 
 
 def _cmd_eval(a) -> int:
-    from ..eval.generation import chat, generate_chat
-    from ..eval.judge import judge_accuracy
-    from .model import safety_temperature
-    from .pipeline import evaluate_at
-
-    model, tok = load_model(a.model)
-    harm, ben, edgy = _eval_sets(a)
-    with safety_temperature(model, 0.0):
-        base_answers = generate_chat(model, tok, [chat(p) for p in ben], max_new_tokens=a.max_new_tokens)
-    row = evaluate_at(model, tok, harm, ben, edgy, tau=a.tau, base_answers=base_answers, max_new_tokens=a.max_new_tokens)
-    acc = judge_accuracy()["accuracy"]
-    print(f"τ={a.tau:g}: safety rate {row['safety_rate']:.3f} ({len(harm)} harmful test prompts), over-refusal "
-          f"{row['over_refusal_benign']:.3f} benign / {row['over_refusal_edgy']:.3f} edgy, KL to base "
-          f"{row['kl_benign']:.4f} nats/token   [judge accuracy on PyRIT labels: {acc:.3f}]")
+    _eval(a, [a.tau])
     return 0
 
 
 def _cmd_sweep(a) -> int:
-    from ..eval.generation import chat, generate_chat
-    from .model import safety_temperature
-    from .pipeline import sweep_temperature
-
-    model, tok = load_model(a.model)
-    harm, ben, edgy = _eval_sets(a)
-    with safety_temperature(model, 0.0):
-        base_answers = generate_chat(model, tok, [chat(p) for p in ben], max_new_tokens=a.max_new_tokens)
-    taus = [float(t) for t in a.taus.split(",")]
-    rows = sweep_temperature(model, tok, taus, harm, ben, edgy, base_answers=base_answers, out_dir=a.out,
-                             max_new_tokens=a.max_new_tokens)
-    for r in rows:
-        print(f"τ={r['tau']:<5g} safety {r['safety_rate']:.3f}  over-refusal {r['over_refusal_benign']:.3f}  "
-              f"KL {r['kl_benign']:.4f}")
+    _eval(a, [float(t) for t in a.taus.split(",")], out_dir=a.out)
     print(f"-> {a.out}/sweep.json, pareto.png")
     return 0
 
@@ -134,7 +132,7 @@ def _cmd_sweep(a) -> int:
 def _cmd_demo(a) -> int:
     from .pipeline import DemoConfig, run_demo
 
-    cfg = DemoConfig.quick(out_dir=a.out) if a.quick else DemoConfig(out_dir=a.out)
+    cfg = DemoConfig.quick(out_dir=a.out, split=a.split) if a.quick else DemoConfig(out_dir=a.out, split=a.split)
     run_demo(cfg)
     return 0
 
@@ -176,9 +174,12 @@ def register(sub) -> set[str]:
     for name, fn, helptext in (("eval", _cmd_eval, "safety rate, over-refusal and KL to base at one τ"),
                                ("sweep-temperature", _cmd_sweep, "evaluate several τ; JSON + Pareto PNG")):
         p = common(sub.add_parser(name, help=f"UpSafe°C: {helptext}"))
-        p.add_argument("--n-harmful", type=int, default=96)
-        p.add_argument("--n-benign", type=int, default=None)
-        p.add_argument("--max-new-tokens", type=int, default=48)
+        p.add_argument("--split", choices=["val", "test"], default="test",
+                       help="choose settings on val; read test once per reported number")
+        p.add_argument("--n-harmful", type=int, default=48, help="prompts per harmful set")
+        p.add_argument("--n-benign", type=int, default=64, help="prompts per benign set")
+        p.add_argument("--kl-prompts", type=int, default=64, help="benign prompts for the KL to base")
+        p.add_argument("--max-new-tokens", type=int, default=32)
         if name == "eval":
             p.add_argument("--tau", type=float, default=0.5)
         else:
@@ -188,6 +189,7 @@ def register(sub) -> set[str]:
 
     p = sub.add_parser("demo", help="the main job: UpSafe°C on SmolLM2-135M-Instruct end to end (CPU, minutes)")
     p.add_argument("--out", default="upsafe_out/demo")
-    p.add_argument("--quick", action="store_true", help="fewer prompts and steps (a few minutes)")
+    p.add_argument("--quick", action="store_true", help="fewer prompts and steps")
+    p.add_argument("--split", choices=["val", "test"], default="test", help="evaluate on val while tuning")
     p.set_defaults(fn=_cmd_demo)
     return {"scan", "upcycle", "train", "eval", "sweep-temperature", "demo"}

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from .._config import SerialisableConfig
 
 CONFIG_VERSION = 1
+ROUTER_GRADS = ("straight_through", "none")
 
 
 @dataclass
@@ -29,6 +30,13 @@ class UpcycleConfig(SerialisableConfig):
             1 = every token through the safety experts. Default 0.5.
         router_temperature (float): softmax temperature of the router (sharpness), > 0. Default 1.0.
         train_general (bool): also train the original MLP (normally frozen). Default False.
+        router_grad (str): how the LM loss reaches the router while training (ours).
+            "straight_through": each chosen expert's weight is its router probability divided by a
+            stop-gradient copy of the kept probability mass, so its value is exactly the renormalised
+            weight (1 at top-1: the forward pass is unchanged, bit for bit) and its gradient is that of
+            the probability. "none": the plain renormalised weight; at top-1 it is p/p = 1 and the
+            router gets no gradient from the LM loss (only from auxiliary losses). Default
+            "straight_through".
 
     Example:
         >>> cfg = UpcycleConfig(layers=[3, 4], num_safety_experts=1, top_k=1)
@@ -46,6 +54,8 @@ class UpcycleConfig(SerialisableConfig):
     safety_temperature: float = field(default=0.5, metadata={"help": "τ in [0, 1] at inference"})
     router_temperature: float = field(default=1.0, metadata={"help": "router softmax temperature (> 0)"})
     train_general: bool = field(default=False, metadata={"help": "also train the original MLP"})
+    router_grad: str = field(default="straight_through",
+                             metadata={"help": "'straight_through' (the LM loss reaches the router) or 'none'"})
     version: int = field(default=CONFIG_VERSION, metadata={"help": "config format version"})
 
     def __post_init__(self):
@@ -73,6 +83,9 @@ class UpcycleConfig(SerialisableConfig):
         if not (isinstance(self.router_temperature, (int, float)) and self.router_temperature > 0
                 and math.isfinite(self.router_temperature)):
             raise ValueError(f"UpcycleConfig.router_temperature must be a finite float > 0, got {self.router_temperature!r}")
+
+        if self.router_grad not in ROUTER_GRADS:
+            raise ValueError(f"UpcycleConfig.router_grad must be one of {ROUTER_GRADS}, got {self.router_grad!r}")
 
     @property
     def num_experts(self) -> int:

@@ -56,6 +56,7 @@ class SafetyMoE(nn.Module):
         self.top_k = config.top_k
         self.min_weight = config.min_weight
         self.router_temperature = config.router_temperature
+        self.router_grad = config.router_grad
         dt, dev = base.w_in.dtype, base.w_in.device
         self.router = nn.Linear(H, E, bias=True, dtype=dt, device=dev)
         with torch.no_grad():
@@ -136,7 +137,13 @@ class SafetyMoE(nn.Module):
         logits = self.router(x)  # bf16/fp16/fp32: sparse_route accumulates in fp32 (no cast kernel)
         bias = self._routing_bias(batch, seq, x.device)
         route = sparse_route_reference if self.use_reference else sparse_route
-        r = route(logits, self.top_k, temperature=self.router_temperature, bias=bias, min_weight=self.min_weight)
+        straight_through = self.router_grad == "straight_through" and logits.requires_grad
+        r = route(logits, self.top_k, temperature=self.router_temperature, bias=bias, min_weight=self.min_weight,
+                  renormalize=not straight_through)
+        if straight_through:
+            # value: the renormalised weight (exactly 1 at top-1, p/p); gradient: that of the kept
+            # probabilities, so the LM loss trains the router even at top-1 (see UpcycleConfig.router_grad)
+            r = r._replace(weights=r.weights / r.weights.sum(-1, keepdim=True).detach())
         w_in, w_out, b_in, b_out = self.chunks()
         mlp = grouped_expert_mlp_reference if self.use_reference else grouped_expert_mlp
         out = mlp(x, r, w_in, w_out, self.activation, gated=self.gated, b_in=b_in, b_out=b_out)

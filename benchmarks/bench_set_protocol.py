@@ -1,0 +1,86 @@
+"""SET under the source-disjoint protocol: the ESI top-p% mask against a random mask of the same size.
+
+    python benchmarks/bench_set_protocol.py                 # SmolLM2-135M-Instruct on CPU (~25 min, 2 cores)
+    python benchmarks/bench_set_protocol.py --split val     # while choosing steps / lr / retain size
+
+ESI is scored on harmful prompts of the training mix (``eval.protocol.training_mix``: AdvBench + rho
+expanded_100, train split, style-balanced); SET trains the masked weights on training-mix harmful
+prompts -> refusal, with retain data (training-mix benign prompts with the model's own replies). Both
+masks get the same data, steps and seed. Then every protocol set of `--split` is judged (share
+refused, n, 95% Wilson interval). Writes benchmarks/results/bench_set_protocol.{json,md}.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--split", choices=["val", "test"], default="test")
+    ap.add_argument("--score-prompts", type=int, default=32)
+    ap.add_argument("--fraction", type=float, default=0.01)
+    ap.add_argument("--train-prompts", type=int, default=160)
+    ap.add_argument("--retain", type=int, default=160, help="benign training prompts with the model's own replies")
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--lr", type=float, default=5e-5)
+    ap.add_argument("--n", type=int, default=32, help="prompts per harmful set")
+    ap.add_argument("--n-benign", type=int, default=48, help="prompts per benign set")
+    ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument("--out", default=os.path.join(HERE, "results"))
+    args = ap.parse_args(argv)
+
+    from upsafe_ext.esi import compute_esi, own_replies, run_set
+    from upsafe_ext.eval import judge_accuracy, load_smollm2
+    from upsafe_ext.eval.protocol import evaluate_sets, format_sets_table, protocol_sets, training_mix
+
+    t0 = time.time()
+    base, tok = load_smollm2(verbose=False)
+    harm, ben = training_mix(max(args.train_prompts, args.score_prompts), args.retain)
+    sets = protocol_sets(args.split, n=args.n, n_benign=args.n_benign)
+    gen = dict(max_new_tokens=args.max_new_tokens, batch_size=32, progress=True)
+    columns = {"base": evaluate_sets(base, tok, sets, **gen)}
+    retain = own_replies(base, tok, ben, max_new_tokens=args.max_new_tokens)
+    scores = compute_esi(base, tok, harm[: args.score_prompts], batch_size=8)
+    masks = {"ESI top": scores.select(args.fraction), "random": scores.random_mask(args.fraction, seed=0)}
+    meta = {}
+    for label, mask in masks.items():
+        model = copy.deepcopy(base)
+        t1 = time.time()
+        res = run_set(model, tok, mask, harm[: args.train_prompts], retain=retain, max_steps=args.steps, lr=args.lr,
+                      batch_size=8, progress=True)
+        meta[label] = {"weights": mask.count(), "train_seconds": round(time.time() - t1, 1),
+                       "loss": [res.log[0]["loss"], res.log[-1]["loss"]]}
+        columns[f"SET, {label} {args.fraction:.0%}"] = evaluate_sets(model, tok, sets, **gen)
+        del model
+    table = format_sets_table(columns)
+    acc = judge_accuracy()
+    os.makedirs(args.out, exist_ok=True)
+    result = {"device": platform.processor() or platform.machine(), "torch": torch.__version__,
+              "threads": torch.get_num_threads(), "args": vars(args), "masks": meta,
+              "judge_accuracy_pyrit": acc["accuracy"], "seconds": round(time.time() - t0, 1),
+              "columns": {k: [{kk: vv for kk, vv in r.items() if kk != "replies"} for r in rows]
+                          for k, rows in columns.items()},
+              "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+    with open(os.path.join(args.out, "bench_set_protocol.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    md = (f"SET on SmolLM2-135M-Instruct (dequantised Q4_1 GGUF), CPU, {args.split} sets, {args.steps} steps, "
+          f"lr {args.lr}, {len(retain)} retain examples, greedy {args.max_new_tokens} new tokens; keyword judge "
+          f"(accuracy {acc['accuracy']:.3f} on PyRIT's labels). Share refused (95% Wilson interval):\n\n{table}\n")
+    with open(os.path.join(args.out, "bench_set_protocol.md"), "w") as f:
+        f.write(md)
+    print(md)
+    print(f"{time.time() - t0:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
