@@ -168,3 +168,21 @@ def test_judge_on_held_out_labels_it_was_not_developed_on():
     # a judge that calls everything a refusal is caught by these labels
     assert heldout_judge_accuracy(lambda r: True)["accuracy"] == pytest.approx(0.52)
     assert heldout_judge_accuracy(PrefixJudge())["n"] == 100
+
+
+def test_demo_report_prints_every_set_with_intervals_and_the_model_path(monkeypatch):
+    import upsafe_ext.eval.generation as generation
+    from upsafe_ext.eval.protocol import EvalSet
+    from upsafe_ext.upcycle.pipeline import format_report
+
+    monkeypatch.setattr(generation, "generate_chat", lambda m, t, convs, **kw: ["I can't help with that."] * len(convs))
+    sets = [EvalSet("harmful imperative", "harmful", ("a", "b"), False, ""),
+            EvalSet("benign question", "benign", ("c",), True, "")]
+    rows = {r["name"]: r for r in evaluate_sets(None, None, sets, progress=False)}
+    report = {"model": "m", "config": {"default_tau": 0.5, "split": "test", "max_new_tokens": 32, "eval_base": 1,
+                                       "out_dir": "o"},
+              "judge": {"accuracy": 0.74}, "scan": {"layers": [1]}, "base": rows, "after": rows,
+              "sweep": [{"tau": 0.5, "sets": rows, "kl_benign": 0.02}], "seconds": 3, "model_dir": "o/model"}
+    text = format_report(report)
+    assert "| harmful imperative | unseen source | 1.000 (0.34-1.00) | 1.000 (0.34-1.00) | 2 | 0 |" in text
+    assert "| benign question | in-source |" in text and "model saved in o/model" in text

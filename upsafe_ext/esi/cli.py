@@ -8,8 +8,10 @@
 
 ``--model``: a Hugging Face directory, ``smollm2`` (SmolLM2-135M-Instruct from the offline GGUF, see
 ``upsafe_ext.eval.load_smollm2``) or ``tiny[-family]`` (a tiny random model for smoke tests).
-``--prompts``: ``harmful-train`` / ``harmful-val`` / ``harmful-test`` / ``benign-<split>`` (the fixed
-offline splits) or a file (.txt one prompt per line, .jsonl with a "prompt" field).
+``--prompts``: ``harmful-train`` / ``benign-train`` (the style-balanced training mix of
+``upsafe_ext.eval.protocol``: training sources only, so the protocol's unseen-source sets stay unseen),
+``harmful-val`` / ``harmful-test`` / ``benign-<split>`` (the fixed offline hash splits), or a file
+(.txt one prompt per line, .jsonl with a "prompt" field).
 """
 from __future__ import annotations
 
@@ -52,11 +54,14 @@ def load_prompts(spec: str, n: int | None = None) -> list[str]:
     else:
         kind, _, split = spec.partition("-")
         from .. import eval as ev
+        from ..eval.protocol import training_mix
 
-        if kind == "harmful":
-            out = ev.harmful_prompts(split or "train")
+        if kind in ("harmful", "benign") and split in ("", "train"):  # the protocol's training sources only
+            out = training_mix()[0 if kind == "harmful" else 1]
+        elif kind == "harmful":
+            out = ev.harmful_prompts(split)
         elif kind == "benign":
-            out = ev.benign_prompts(split or "train")
+            out = ev.benign_prompts(split)
         else:
             raise SystemExit(f"upsafe esi: --prompts {spec!r} is neither a file nor harmful-/benign-<split>")
     if not out:

@@ -91,7 +91,7 @@ def _eval(a, taus, out_dir=None):
     """The protocol sets of `--split` at each τ, the base model's answers as the KL reference."""
     from ..eval.generation import chat, generate_chat
     from ..eval.judge import judge_accuracy
-    from ..eval.protocol import protocol_sets
+    from ..eval.protocol import format_sets_table, protocol_sets
     from .model import safety_moe_modules, safety_temperature
     from .pipeline import sweep_temperature
 
@@ -107,12 +107,7 @@ def _eval(a, taus, out_dir=None):
     acc = judge_accuracy()["accuracy"]
     print(f"{a.split} sets, greedy, {a.max_new_tokens} new tokens, keyword judge (accuracy {acc:.3f} on PyRIT's "
           "labels); share refused (95% Wilson interval):")
-    print("| set | source | " + " | ".join(f"τ={r['tau']:g}" for r in rows) + " | n | empty |")
-    for name, first in rows[0]["sets"].items():
-        cells = [f"{r['sets'][name]['rate']:.3f} ({r['sets'][name]['ci95'][0]:.2f}-{r['sets'][name]['ci95'][1]:.2f})"
-                 for r in rows]
-        src = "in-source" if first["in_source"] else "unseen source"
-        print(f"| {first['kind']}: {name} | {src} | " + " | ".join(cells) + f" | {first['n']} | {rows[-1]['sets'][name]['empty']} |")
+    print(format_sets_table({f"τ={r['tau']:g}": list(r["sets"].values()) for r in rows}))
     if base_answers is not None:
         print("KL to base (nats/token): " + ", ".join(f"τ={r['tau']:g}: {r['kl_benign']:.4f}" for r in rows))
     return rows

@@ -256,17 +256,15 @@ def run_demo(cfg: DemoConfig | None = None, progress: bool = True, model=None, t
 
 def format_report(report: dict) -> str:
     """The demo's table: every protocol set, base vs upcycled at the default τ, with 95% intervals."""
+    from ..eval.protocol import format_sets_table
+
     cfg = report["config"]
     tau = cfg["default_tau"]
     lines = [f"UpSafe°C on {report.get('model', 'the model')} (upcycled layers {report['scan']['layers']}), "
              f"{cfg['split']} sets, greedy, {cfg['max_new_tokens']} new tokens, keyword judge (accuracy "
              f"{report['judge']['accuracy']:.3f} on PyRIT's labels). Share refused, 95% Wilson interval:",
-             f"| set | source | base (n={cfg['eval_base']}/set) | τ={tau:g} | n | empty |", "|---|---|---|---|---|---|"]
-    for name, r in report["after"].items():
-        b = report["base"].get(name)
-        cell = lambda x: f"{x['rate']:.3f} ({x['ci95'][0]:.2f}-{x['ci95'][1]:.2f})"  # noqa: E731
-        lines.append(f"| {r['kind']}: {name} | {'in-source' if r['in_source'] else 'unseen source'} | "
-                     f"{cell(b) if b else '–'} | {cell(r)} | {r['n']} | {r['empty']} |")
+             format_sets_table({f"base (n={cfg['eval_base']}/set)": list(report["base"].values()),
+                                f"τ={tau:g}": list(report["after"].values())})]
     lines.append("τ sweep (" + ", ".join(SWEEP_SETS) + "; KL to base in nats/token):")
     for row in report["sweep"]:
         lines.append(f"  τ={row['tau']:g}: " + ", ".join(f"{row['sets'][n]['rate']:.2f}" for n in SWEEP_SETS
