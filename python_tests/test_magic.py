@@ -708,10 +708,7 @@ def test_smollm2_placement_registration_and_baseline_margin():
     from upsafe_ext.eval.prompts import benign_prompts, harmful_prompts
     from upsafe_ext.eval.real_model import load_smollm2
 
-    try:
-        model, tok = load_smollm2(verbose=False)
-    except Exception as exc:  # pragma: no cover - asset not installed
-        pytest.skip(f"SmolLM2 not available: {exc}")
+    model, tok = load_smollm2(verbose=False)  # a model that cannot load fails the test (no skip)
     prompts = harmful_prompts("test")[:4] + benign_prompts("test")[:4]
     text_tokens = MagicTokens(insecure_seed=21)
     assert supports_system_role(tok)
