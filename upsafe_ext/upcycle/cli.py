@@ -25,7 +25,7 @@ def load_model(spec: str):
     return AutoModelForCausalLM.from_pretrained(spec).eval(), tok
 
 
-def _splits(n_harm, n_ben, split):
+def _splits(n_harm, n_ben):
     """Training prompts (the style-balanced mix of eval.protocol) for scan / train."""
     from ..eval.protocol import training_mix
 
@@ -36,7 +36,7 @@ def _cmd_scan(a) -> int:
     from .scan import scan_safety_layers
 
     model, tok = load_model(a.model)
-    harm, ben = _splits(a.n, a.n, "train")
+    harm, ben = _splits(a.n, a.n)
     rep = scan_safety_layers(model, tok, harm, ben, seed=a.seed)
     os.makedirs(a.out, exist_ok=True)
     rep.save_json(os.path.join(a.out, "scan.json"))
@@ -72,7 +72,7 @@ def _cmd_train(a) -> int:
     from .model import safety_temperature
 
     model, tok = load_model(a.model)
-    harm, ben = _splits(a.n_harmful, a.n_benign, "train")
+    harm, ben = _splits(a.n_harmful, a.n_benign)
     if a.stage in ("1", "both"):
         log = stage1(model, tok, harm, lr=a.lr1, epochs=a.epochs, batch_size=a.batch_size, max_steps=a.steps)
         print(f"stage 1: loss {log[0]['loss']:.3f} -> {log[-1]['loss']:.3f} ({len(log)} steps)")
