@@ -338,14 +338,15 @@ grouped_expert_mlp_backward(const Tensor& grad_out, const Tensor& x, const Tenso
   Tensor dx = at::zeros({c.T, c.H}, c.x.options());
   Tensor dweights = at::zeros({c.T, c.k}, c.x.options().dtype(at::kFloat));
   std::vector<Tensor> dw_in, dw_out, db_in, db_out;
-  auto none = at::empty({0}, c.x.options());
+  // a fresh empty tensor per unrequested slot: custom-op outputs may not alias each other
+  auto none = [&c] { return at::empty({0}, c.x.options()); };
   if (c.M == 0) {
     for (int i = 0; i < c.n(); ++i) {
       const bool nw = need_w.get(i);
-      dw_in.push_back(nw ? at::zeros_like(c.w_in[i]) : none);
-      dw_out.push_back(nw ? at::zeros_like(c.w_out[i]) : none);
-      db_in.push_back(nw && !c.b_in.empty() ? at::zeros_like(c.b_in[i]) : none);
-      db_out.push_back(nw && !c.b_out.empty() ? at::zeros_like(c.b_out[i]) : none);
+      dw_in.push_back(nw ? at::zeros_like(c.w_in[i]) : none());
+      dw_out.push_back(nw ? at::zeros_like(c.w_out[i]) : none());
+      db_in.push_back(nw && !c.b_in.empty() ? at::zeros_like(c.b_in[i]) : none());
+      db_out.push_back(nw && !c.b_out.empty() ? at::zeros_like(c.b_out[i]) : none());
     }
     return {dx, dweights, dw_in, dw_out, db_in, db_out};
   }
@@ -382,13 +383,13 @@ grouped_expert_mlp_backward(const Tensor& grad_out, const Tensor& x, const Tenso
         }
         return acc.to(c.x.scalar_type());
       };
-      db_in.push_back(c.b_in.empty() ? none : seg_sum(dh, c.W));
-      db_out.push_back(c.b_out.empty() ? none : seg_sum(dy, c.H));
+      db_in.push_back(c.b_in.empty() ? none() : seg_sum(dh, c.W));
+      db_out.push_back(c.b_out.empty() ? none() : seg_sum(dy, c.H));
     } else {
-      dw_in.push_back(none);
-      dw_out.push_back(none);
-      db_in.push_back(none);
-      db_out.push_back(none);
+      dw_in.push_back(none());
+      dw_out.push_back(none());
+      db_in.push_back(none());
+      db_out.push_back(none());
     }
     if (need_x) dx_rows.push_back(gemm_nn(c, dh, c.w_in[i], r));  // [M, H]
   }

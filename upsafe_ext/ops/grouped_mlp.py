@@ -152,11 +152,12 @@ if _ext.loaded():
     @torch.library.register_fake("upsafe::grouped_expert_mlp_backward")
     def _fake_bwd(grad_out, x, weights, experts, permutation, offsets, inverse, w_in, w_out, b_in, b_out, hs, ys,
                   activation, gated, need_x, need_weights, need_w):
-        none = x.new_empty((0,))
-        dw_in = [torch.empty_like(w) if n else none for w, n in zip(w_in, need_w)]
-        dw_out = [torch.empty_like(w) if n else none for w, n in zip(w_out, need_w)]
-        db_in = [torch.empty_like(b) if n else none for b, n in zip(b_in, need_w)] if b_in else [none] * len(w_in)
-        db_out = [torch.empty_like(b) if n else none for b, n in zip(b_out, need_w)] if b_out else [none] * len(w_in)
+        def none():  # a fresh tensor per slot, like the kernel: outputs may not alias each other
+            return x.new_empty((0,))
+        dw_in = [torch.empty_like(w) if n else none() for w, n in zip(w_in, need_w)]
+        dw_out = [torch.empty_like(w) if n else none() for w, n in zip(w_out, need_w)]
+        db_in = [torch.empty_like(b) if n else none() for b, n in zip(b_in, need_w)] if b_in else [none() for _ in w_in]
+        db_out = [torch.empty_like(b) if n else none() for b, n in zip(b_out, need_w)] if b_out else [none() for _ in w_in]
         return (x.new_empty(x.shape), x.new_empty(weights.shape, dtype=torch.float32), dw_in, dw_out, db_in, db_out)
 
     def _setup_context(ctx, inputs, output):
