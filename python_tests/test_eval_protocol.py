@@ -156,6 +156,27 @@ def test_evaluate_sets_counts_empty_replies_and_intervals(monkeypatch):
     json.dumps(rows)  # serialisable
 
 
+def test_evaluate_sets_renders_through_the_given_conversations(monkeypatch):
+    """`conversations=` replaces the default rendering (the magic modes use it to place their token)."""
+    import upsafe_ext.eval.generation as generation
+    from upsafe_ext.eval.protocol import EvalSet
+
+    seen = []
+    monkeypatch.setattr(generation, "generate_chat",
+                        lambda m, t, convs, **kw: seen.extend(convs) or ["I can't help with that." if
+                                                                         c[0]["content"] == "MODE-R" else "Sure."
+                                                                         for c in convs])
+    sets = [EvalSet("h", "harmful", ("a", "b"), False, "")]
+    render = lambda ps: [[{"role": "system", "content": "MODE-R"}, {"role": "user", "content": p}] for p in ps]
+    rows = evaluate_sets(None, None, sets, conversations=render, progress=False)
+    assert rows[0]["refused"] == 2 and seen[0][1]["content"] == "a"
+    assert evaluate_sets(None, None, sets, progress=False)[0]["refused"] == 0  # default: one user turn
+    with pytest.raises(ValueError, match="returned 1 conversations for 2 prompts"):
+        evaluate_sets(None, None, sets, conversations=lambda ps: render(ps)[:1], progress=False)
+    with pytest.raises(ValueError, match="`system` or `conversations`"):
+        evaluate_sets(None, None, sets, conversations=render, system="x", progress=False)
+
+
 def test_judge_on_held_out_labels_it_was_not_developed_on():
     from upsafe_ext.eval.judge import PrefixJudge, heldout_judge_accuracy, heldout_labels
 
