@@ -1,0 +1,173 @@
+"""Magic-token co-training on SmolLM2-135M-Instruct at real scale, measured with the source-disjoint protocol.
+
+    python benchmarks/bench_magic_protocol.py --split val     # choices (lr, epochs): read val only
+    python benchmarks/bench_magic_protocol.py --split test    # the reported numbers: test read once
+
+Training prompts: `eval.protocol.training_mix` (AdvBench + rho harmful, both styles; ShareGPT + rho
+benign, both styles; train-template rewrites on both sides). Targets without a hub model
+(`magic.self_distilled_records`): positive = refusal for harmful, the base model's own answer for
+benign; negative = the base model's own answer; rejective = a refusal for every prompt; plus the
+no-token and wrong-token fallback examples (positive). One SFT stage (`magic.train_magic`), full model.
+
+Evaluation (`eval.protocol.protocol_sets(split)`, sources never trained on, both styles, held-out
+rephrasing templates; greedy; keyword judge; 95% Wilson intervals) once per mode: positive, negative,
+rejective, no token, an unknown token of the same shape. The safety alignment margin (cosine
+silhouette of first-token logits) on held-out benign + harmful prompts, before and after, with the
+scatter PNG; KL(base || positive mode) per response token on held-out benign prompts and the base
+model's own answers (each model on its own rendering: the co-trained one with the positive token).
+After each epoch the model is evaluated on `--split` (epoch choice on val). Writes
+benchmarks/results/magic_protocol_<split>.{json,md} and magic_margin_<split>_{before,after}.png.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import random
+import sys
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from common import environment  # noqa: E402
+
+from upsafe_ext.eval.generation import chat, generate_chat  # noqa: E402
+from upsafe_ext.eval.metrics import token_kl  # noqa: E402
+from upsafe_ext.eval.protocol import evaluate_sets, format_sets_table, protocol_sets, training_mix  # noqa: E402
+from upsafe_ext.eval.real_model import load_smollm2  # noqa: E402
+from upsafe_ext.magic import (MagicConfig, MagicTrainConfig, build_examples, magic_conversations,  # noqa: E402
+                              prepare_model, safety_alignment_margin, self_distilled_records, train_magic)
+from upsafe_ext.train.sft import encode_sft  # noqa: E402
+
+SETS = ("harmful imperative", "harmful question", "harmful question (natural)", "harmful past tense",
+        "harmful role-play", "harmful suffix", "benign imperative", "benign question", "edgy benign")
+ROWS = ("positive", "negative", "rejective", "no token", "unknown token")
+
+
+def render(tok, tokens, row: str, rng_seed: int = 1):
+    """prompts -> conversations for one evaluation row (a mode, no token, or an unknown token)."""
+    def fn(prompts):
+        if row in ("positive", "negative", "rejective"):
+            return magic_conversations(tok, prompts, row, tokens=tokens, strict=True)[0]
+        if row == "no token":
+            return [tokens.place(tok, [{"role": "user", "content": p}], None) for p in prompts]
+        rng = random.Random(rng_seed)
+        return [tokens.place(tok, [{"role": "user", "content": p}], tokens.wrong_token(rng)) for p in prompts]
+    return fn
+
+
+@torch.no_grad()
+def response_logits(model, tok, conv, response) -> torch.Tensor:
+    """[R, V] next-token logits at the R response tokens of `conv` + `response` (SFT encoding)."""
+    e = encode_sft(tok, conv, response, max_length=1024)
+    ids = torch.tensor([e["input_ids"]])
+    labels = torch.tensor(e["labels"])
+    logits = model(input_ids=ids).logits[0, :-1]
+    return logits[labels[1:] != -100]
+
+
+def kl_positive_vs_base(model, base, tok, tokens, prompts, answers) -> float:
+    total, count = 0.0, 0
+    pos = render(tok, tokens, "positive")(prompts)
+    for p, c, a in zip(prompts, pos, answers):
+        ref = response_logits(base, tok, chat(p), a)
+        got = response_logits(model, tok, c, a)
+        kl = token_kl(ref, got)
+        total += float(kl.double().sum())
+        count += kl.numel()
+    return total / max(1, count)
+
+
+def evaluate(model, tok, tokens, sets, args) -> dict:
+    out = {}
+    for row in ROWS:
+        rows = evaluate_sets(model, tok, sets, conversations=render(tok, tokens, row),
+                             max_new_tokens=args.eval_tokens, batch_size=32, progress=False)
+        out[row] = rows
+        print(f"  {row}: " + " | ".join(f"{r['name']} {r['rate']:.2f}" for r in rows), flush=True)
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--split", choices=["val", "test"], default="val")
+    ap.add_argument("--n-harmful", type=int, default=256)
+    ap.add_argument("--n-benign", type=int, default=256)
+    ap.add_argument("--answer-tokens", type=int, default=48, help="length of the base model's own answers")
+    ap.add_argument("--eval-tokens", type=int, default=32)
+    ap.add_argument("--n-eval", type=int, default=32, help="prompts per evaluation set")
+    ap.add_argument("--n-margin", type=int, default=32, help="held-out harmful and benign prompts for the margin")
+    ap.add_argument("--epochs", type=int, default=2, help="evaluated after each epoch")
+    ap.add_argument("--lr", type=float, default=3e-5)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--special-tokens", action="store_true")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default=os.path.join(HERE, "results"))
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    os.makedirs(args.out, exist_ok=True)
+    t0 = time.time()
+    model, tok = load_smollm2(verbose=False)
+    model.eval()
+    base = copy.deepcopy(model)
+    h_tr, b_tr = training_mix(args.n_harmful, args.n_benign)
+    sets = [s for s in protocol_sets(args.split, n=args.n_eval, n_benign=args.n_eval) if s.name in SETS]
+    held = protocol_sets(args.split, n=args.n_margin, n_benign=args.n_margin)
+    by = {s.name: s for s in held}
+    margin_prompts = by["harmful imperative"].prompts[: args.n_margin // 2] + \
+        by["harmful question"].prompts[: args.n_margin // 2] + \
+        by["benign imperative"].prompts[: args.n_margin // 2] + by["benign question"].prompts[: args.n_margin // 2]
+    kl_prompts = by["benign imperative"].prompts[:16] + by["benign question"].prompts[:16]
+    kl_answers = generate_chat(base, tok, [chat(p) for p in kl_prompts], max_new_tokens=args.answer_tokens,
+                               batch_size=32, progress=False)
+
+    records = self_distilled_records(model, tok, h_tr, b_tr, max_new_tokens=args.answer_tokens, batch_size=32,
+                                     progress=False)
+    t_data = time.time() - t0
+    mcfg = MagicConfig(special_tokens=args.special_tokens, insecure_seed=1234)
+    tokens = prepare_model(model, tok, mcfg)
+    data = build_examples(records, tok, tokens, mcfg, progress=False)
+    print(f"data: {len(h_tr)} harmful + {len(b_tr)} benign prompts -> {len(data)} examples "
+          f"({t_data:.0f} s)", flush=True)
+    before = safety_alignment_margin(model, tok, margin_prompts, tokens=tokens, progress=False,
+                                     plot=os.path.join(args.out, f"magic_margin_{args.split}_before.png"))
+    print(f"margin before: {before.margin:.3f}", flush=True)
+    result = {"args": vars(args), "env": environment("cpu"), "n_examples": len(data), "counts": data.counts(),
+              "margin_before": before.to_dict(), "epochs": []}
+    train_s = 0.0
+    for ep in range(1, args.epochs + 1):
+        t1 = time.time()
+        cfg = MagicTrainConfig(learning_rate=args.lr, epochs=1.0, batch_size=args.batch_size,
+                               lr_schedule="constant", warmup_ratio=0.03 if ep == 1 else 0.0, seed=ep)
+        log = train_magic(model, tok, data, tokens, cfg, magic_config=mcfg, progress=False)
+        train_s += time.time() - t1
+        print(f"epoch {ep}: {len(log)} steps, loss {log[0]['loss']:.3f} -> {log[-1]['loss']:.3f}, "
+              f"train {train_s:.0f} s", flush=True)
+        after = safety_alignment_margin(model, tok, margin_prompts, tokens=tokens, progress=False,
+                                        plot=os.path.join(args.out, f"magic_margin_{args.split}_after_ep{ep}.png"))
+        kl = kl_positive_vs_base(model, base, tok, tokens, kl_prompts, kl_answers)
+        print(f"epoch {ep}: margin {after.margin:.3f}, KL {kl:.4f}", flush=True)
+        rows = evaluate(model, tok, tokens, sets, args)
+        result["epochs"].append({"epoch": ep, "steps": len(log), "loss_last": log[-1]["loss"], "train_s": train_s,
+                                 "margin": after.to_dict(), "kl_positive_vs_base": kl,
+                                 "rows": {k: [{x: r[x] for x in r if x != "replies"} for r in v]
+                                          for k, v in rows.items()},
+                                 "replies": {k: [r["replies"] for r in v] for k, v in rows.items()}})
+        md = format_sets_table({k: v for k, v in rows.items()})
+        with open(os.path.join(args.out, f"magic_protocol_{args.split}.md"), "w") as f:
+            f.write(f"# Magic co-training, SmolLM2-135M-Instruct (Q4_1 GGUF dequantised), {args.split} split, "
+                    f"epoch {ep}\n\nmargin {before.margin:.3f} -> {after.margin:.3f} (n={len(margin_prompts)} "
+                    f"held-out prompts); KL(base || positive) {kl:.4f} nats/token (n={len(kl_prompts)})\n\n"
+                    f"{md}\n")
+        with open(os.path.join(args.out, f"magic_protocol_{args.split}.json"), "w") as f:
+            json.dump(result, f, indent=1)
+    print(f"total {time.time() - t0:.0f} s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
