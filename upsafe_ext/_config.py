@@ -1,8 +1,10 @@
 """The JSON round trip shared by the package's config dataclasses (PEFT-style): a type tag, and keys
-written by a newer upsafe_ext dropped with a warning instead of failing the load."""
+written by a newer upsafe_ext dropped with a warning instead of failing the load; and the argument checks
+the configs validate their fields with (errors name the field and say what was expected)."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import warnings
 
 
@@ -44,3 +46,36 @@ class SerialisableConfig:
             warnings.warn(f"{cls.__name__}: ignoring unknown keys {unknown} (saved by a newer upsafe_ext? upgrade)",
                           stacklevel=2)
         return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def check_int(name: str, value, lo: int | None = None, *, optional: bool = False) -> None:
+    """ValueError naming `name` unless `value` is an int (not a bool) >= `lo` (or None when `optional`)."""
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or (lo is not None and value < lo):
+        raise ValueError(f"{name} must be an int{f' >= {lo}' if lo is not None else ''}"
+                         f"{' or None' if optional else ''}, got {value!r}")
+
+
+def check_float(name: str, value, lo: float | None = None, hi: float | None = None, lo_open: bool = False,
+                hi_open: bool = False) -> None:
+    """ValueError naming `name` unless `value` is a finite real number in the given range."""
+    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+    if ok and lo is not None:
+        ok = value > lo if lo_open else value >= lo
+    if ok and hi is not None:
+        ok = value < hi if hi_open else value <= hi
+    if not ok:
+        rng = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+        raise ValueError(f"{name} must be a finite float in {rng}, got {value!r}")
+
+
+def check_choice(name: str, value, choices) -> None:
+    """ValueError naming `name` unless `value` is one of `choices`."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+
+
+def check_bool(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be a bool, got {value!r}")

@@ -1,9 +1,14 @@
-"""`upsafe` command line. Each subcommand imports what it needs lazily, so `upsafe info` is instant."""
+"""`upsafe` command line. Each subcommand imports what it needs lazily, so `upsafe info` is instant.
+
+Every command that runs a model takes ``--model`` / ``--device`` / ``--dtype`` (``upsafe_ext.models``), and
+every command that trains writes its result to a folder (a default under ``upsafe_out/``, printed)."""
 from __future__ import annotations
 
 import argparse
 import importlib
 import sys
+
+from .models import add_device_args
 
 # Each method package contributes its subcommands through `register(subparsers)` in its cli.py,
 # so adding a method means adding a folder, not editing this file's parser.
@@ -20,11 +25,15 @@ def _cmd_route_demo(args) -> int:
     """Route random logits at a few temperatures and show how the selection sharpens."""
     import torch
 
+    from .models import resolve_device, resolve_dtype
     from .ops import sparse_route
 
     torch.manual_seed(0)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    logits = torch.randn(args.tokens, args.experts, device=device)
+    try:
+        device, dtype = resolve_device(args.device), resolve_dtype(args.dtype)
+    except ValueError as exc:
+        raise SystemExit(f"upsafe route-demo: {exc}") from None
+    logits = torch.randn(args.tokens, args.experts, device=device, dtype=dtype)
     print(f"sparse_route on {device}: T={args.tokens}, E={args.experts}, k={args.k}, min_weight={args.min_weight}")
     for tau in (0.25, 0.5, 1.0, 2.0):
         r = sparse_route(logits, args.k, temperature=tau, min_weight=args.min_weight)
@@ -45,8 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--experts", type=int, default=4)
     p.add_argument("--k", type=int, default=2)
     p.add_argument("--min-weight", type=float, default=0.1)
+    add_device_args(p)
     p.set_defaults(fn=_cmd_route_demo)
-    registered = set()
+    registered: set[str] = set()
     for name in COMMAND_MODULES:
         try:
             mod = importlib.import_module(name)
@@ -55,9 +65,6 @@ def build_parser() -> argparse.ArgumentParser:
                 continue  # that method's package is not part of this build
             raise
         registered.update(mod.register(sub) or ())
-    if "demo" not in registered:
-        p = sub.add_parser("demo", help="the main job on its built-in default")
-        p.set_defaults(fn=_cmd_route_demo, tokens=4096, experts=4, k=2, min_weight=0.1)
     return ap
 
 

@@ -1,9 +1,10 @@
 """Offline fixtures for tests, docs and CI: a tiny byte-level tokenizer with a ChatML chat template
 and tiny random Hugging Face causal LMs of several families (no model hub needed).
 
-    from upsafe_ext.testing import tiny_tokenizer, tiny_causal_lm
+    from upsafe_ext.testing import tiny_tokenizer, tiny_causal_lm, tiny_model
     tok = tiny_tokenizer()
     model = tiny_causal_lm("llama", vocab_size=len(tok))
+    model, tok = tiny_model("llama")          # the `tiny` fixture every CLI's --model tiny loads
 """
 from __future__ import annotations
 
@@ -79,3 +80,11 @@ def tiny_causal_lm(family: str = "llama", seed: int = 0, dtype=torch.float32, **
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(family, **kw), dtype=dtype)
     return model.eval()
+
+
+def tiny_model(family: str = "llama", seed: int = 0, dtype=torch.float32):
+    """The package's one `tiny` fixture: ``(tiny_causal_lm(family), tiny_tokenizer())`` with the default
+    shapes of `tiny_config`. ``upsafe_ext.models.load("tiny")`` / ``load("tiny-gpt2")`` return it."""
+    if family not in FAMILIES:
+        raise ValueError(f"tiny_model: unknown family {family!r}; choose from {FAMILIES}")
+    return tiny_causal_lm(family, seed=seed, dtype=dtype), tiny_tokenizer()

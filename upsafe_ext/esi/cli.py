@@ -6,8 +6,10 @@
     upsafe esi set --model smollm2 --mask runs/esi/safety_mask.safetensors --steps 40 --eval 48 --out runs/set
     upsafe esi spa --model runs/set --mask runs/esi/safety_mask.safetensors --steps 200 --out runs/spa
 
-``--model``: a Hugging Face directory, ``smollm2`` (SmolLM2-135M-Instruct from the offline GGUF, see
-``upsafe_ext.eval.load_smollm2``) or ``tiny[-family]`` (a tiny random model for smoke tests).
+``--model`` (with ``--device``, ``--dtype``, ``--cache-dir``): anything ``upsafe_ext.models.load`` takes:
+``smollm2``, ``tiny[-family]``, a folder saved by any upsafe method (upcycled, magic, SET/SPA) or Hugging Face.
+Every output folder is written atomically and never over ``--model`` (``upsafe_ext.saving.atomic_dir``);
+``set`` / ``spa`` save to ``upsafe_out/esi-set`` / ``upsafe_out/esi-spa`` unless ``--out`` is given.
 ``--prompts``: ``harmful-train`` / ``benign-train`` (the style-balanced training mix of
 ``upsafe_ext.eval.protocol``: training sources only, so the protocol's unseen-source sets stay unseen),
 ``harmful-val`` / ``harmful-test`` / ``benign-<split>`` (the fixed offline hash splits), or a file
@@ -18,29 +20,19 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
 
 import torch
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from ..models import add_model_args, check_out_arg, load, load_from_args
+from ..saving import atomic_dir
 
 
 def load_model(spec: str, dtype: str = "float32", cache_dir: str | None = None):
-    """(model, tokenizer) for a CLI ``--model`` value."""
-    dt = _DTYPES[dtype]
-    if spec == "smollm2":
-        from ..eval import load_smollm2
-
-        return load_smollm2(cache_dir=cache_dir, dtype=dt)
-    if spec == "tiny" or spec.startswith("tiny-"):
-        from ..testing import tiny_causal_lm, tiny_tokenizer
-
-        family = spec.split("-", 1)[1] if "-" in spec else "llama"
-        return tiny_causal_lm(family, dtype=dt), tiny_tokenizer()
-    if not os.path.isdir(spec):
-        raise SystemExit(f"upsafe esi: --model {spec!r} is not a directory, 'smollm2' or 'tiny[-family]'")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    return AutoModelForCausalLM.from_pretrained(spec, dtype=dt).eval(), AutoTokenizer.from_pretrained(spec)
+    """Deprecated: use ``upsafe_ext.models.load(spec, dtype=dtype, cache_dir=cache_dir)``."""
+    warnings.warn("upsafe_ext.esi.cli.load_model is deprecated; use upsafe_ext.models.load", DeprecationWarning,
+                  stacklevel=2)
+    return load(spec, dtype=dtype, cache_dir=cache_dir)
 
 
 def load_prompts(spec: str, n: int | None = None) -> list[str]:
@@ -101,10 +93,7 @@ def _objective(args, model, tok):
         return RefusalObjective()
     if not args.guard:
         raise SystemExit("upsafe esi score: --objective judge needs --guard (a model directory, 'self' or 'tiny')")
-    if args.guard == "self":
-        guard, gtok = load_model(args.model, args.dtype, args.cache_dir)
-    else:
-        guard, gtok = load_model(args.guard, args.dtype, args.cache_dir)
+    guard, gtok = load_from_args(args, args.model if args.guard == "self" else args.guard)
     template = args.guard_template
     if template and os.path.isfile(template):
         with open(template, encoding="utf-8") as f:
@@ -115,12 +104,12 @@ def _objective(args, model, tok):
 
 def _cmd_score(args) -> int:
     from .config import ESIConfig
-    from .plot import format_summary, plot_heatmap
+    from .plot import depth_summary, format_summary, plot_heatmap, type_summary
     from .scores import compute_esi
 
     _threads(args)
-    os.makedirs(args.out, exist_ok=True)
-    model, tok = load_model(args.model, args.dtype, args.cache_dir)
+    check_out_arg(args.out, [args.model])
+    model, tok = load_from_args(args)
     prompts = load_prompts(args.prompts, args.num_prompts)
     cfg = ESIConfig(batch_size=args.batch_size, max_length=args.max_length, fraction=args.fraction, seed=args.seed)
     t0 = time.time()
@@ -129,18 +118,19 @@ def _cmd_score(args) -> int:
     t0 = time.time()
     mask = scores.select(args.fraction)
     t_sel = time.time() - t0
-    p_scores = scores.save(os.path.join(args.out, "esi_scores.safetensors"))
-    p_mask = mask.save(os.path.join(args.out, "safety_mask.safetensors"))
-    p_png = plot_heatmap(mask, os.path.join(args.out, "esi_heatmap.png"))
+    names = ("esi_scores.safetensors", "safety_mask.safetensors", "esi_heatmap.png", "esi_summary.json")
+    with atomic_dir(args.out, inputs=[args.model]) as tmp:
+        scores.save(os.path.join(tmp, names[0]))
+        mask.save(os.path.join(tmp, names[1]))
+        plot_heatmap(mask, os.path.join(tmp, names[2]))
+        with open(os.path.join(tmp, names[3]), "w") as f:
+            json.dump({"meta": scores.meta, "config": cfg.to_dict(), "count": mask.count(), "numel": mask.numel(),
+                       "seconds": t_score, "types": type_summary(mask), "depth": depth_summary(mask)}, f,
+                      indent=2, default=float)
     print(f"scored {scores.numel()} weights in {len(scores.names)} tensors on {len(prompts)} prompts in {t_score:.1f}s "
           f"(mean S = {scores.meta['mean_objective']:.3f}); selected {mask.count()} in {t_sel * 1000:.0f} ms")
     print(format_summary(mask, args.top))
-    with open(os.path.join(args.out, "esi_summary.json"), "w") as f:
-        from .plot import depth_summary, type_summary
-
-        json.dump({"meta": scores.meta, "count": mask.count(), "numel": mask.numel(), "seconds": t_score,
-                   "types": type_summary(mask), "depth": depth_summary(mask)}, f, indent=2, default=float)
-    print(f"wrote {p_scores}, {p_mask}, {p_png}")
+    print(f"wrote {', '.join(os.path.join(args.out, n) for n in names)}")
     return 0
 
 
@@ -148,6 +138,8 @@ def _cmd_select(args) -> int:
     from .plot import format_summary, plot_heatmap
     from .scores import ESIScores
 
+    if os.path.realpath(args.out) == os.path.realpath(args.scores):
+        raise SystemExit(f"upsafe esi select: --out {args.out!r} would overwrite --scores; choose another file")
     scores = ESIScores.load(args.scores)
     if args.random:
         mask = scores.random_mask(args.fraction, seed=args.seed)
@@ -178,7 +170,9 @@ def _train_cmd(args, mode: str) -> int:
     from .train import own_replies, run_set, run_spa
 
     _threads(args)
-    model, tok = load_model(args.model, args.dtype, args.cache_dir)
+    out = args.out or os.path.join("upsafe_out", f"esi-{mode}")
+    check_out_arg(out, [args.model, args.mask])
+    model, tok = load_from_args(args)
     mask = SafetyMask.load(args.mask, model=model)
     cfg = SparseTrainConfig(lr=args.lr, weight_decay=args.weight_decay, max_steps=args.steps,
                             batch_size=args.batch_size, max_length=args.max_length, lr_schedule=args.lr_schedule,
@@ -213,20 +207,17 @@ def _train_cmd(args, mode: str) -> int:
           f"(dense AdamW moments would be {report['dense_adamw_moment_bytes'] / 1e6:.1f} MB)")
     if args.eval:
         report["after"] = _evaluate(model, tok, args.eval, args.max_new_tokens, "after")
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        model.save_pretrained(args.out)
-        tok.save_pretrained(args.out)
-        with open(os.path.join(args.out, f"{mode}_report.json"), "w") as f:
+    with atomic_dir(out, inputs=[args.model, args.mask]) as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        with open(os.path.join(tmp, f"{mode}_report.json"), "w") as f:
             json.dump(report, f, indent=2, default=float)
-        print(f"wrote {args.out}")
+    print(f"wrote {out} (model, tokenizer, {mode}_report.json with the SparseTrainConfig)")
     return 0
 
 
-def _common(p, model_required: bool = True):
-    p.add_argument("--model", required=model_required, help="model directory, 'smollm2' or 'tiny[-family]'")
-    p.add_argument("--dtype", default="float32", choices=sorted(_DTYPES))
-    p.add_argument("--cache-dir", default=None, help="converted SmolLM2 directory (see upsafe_ext.eval.load_smollm2)")
+def _common(p):
+    add_model_args(p, default=None)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
@@ -294,6 +285,6 @@ def register(sub) -> set[str]:
         p.add_argument("--train-norm-bias", action="store_true")
         p.add_argument("--eval", type=int, default=0, help="judge N harmful-test + N benign-test replies before/after")
         p.add_argument("--max-new-tokens", type=int, default=48)
-        p.add_argument("--out", default=None, help="save the trained model + report here")
+        p.add_argument("--out", default=None, help=f"save the trained model + report here (default upsafe_out/esi-{mode})")
         p.set_defaults(fn=lambda a, m=mode: _train_cmd(a, m))
     return {"esi"}

@@ -2,11 +2,11 @@
 with field help, validation naming the field, and a JSON round-trip that tolerates newer versions."""
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass, field
 
-from .._config import SerialisableConfig
+from .._config import SerialisableConfig, check_float, check_int
+from ..train.config import ADAM_BETAS, ADAM_EPS, BATCH_SIZE, MAX_GRAD_NORM, SPARSE_LR, WEIGHT_DECAY
 
 CONFIG_VERSION = 1
 
@@ -22,21 +22,6 @@ DEFAULT_EXCLUDE = (
     r"(^|\.)gate\.weight$",         # Mixtral / Qwen-MoE router ("block_sparse_moe.gate", "mlp.gate")
     r"shared_expert_gate",          # Qwen-MoE shared-expert gate
 )
-
-def _check_int(name: str, value, lo: int | None = None) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or (lo is not None and value < lo):
-        raise ValueError(f"{name} must be an int{f' >= {lo}' if lo is not None else ''}, got {value!r}")
-
-def _check_float(name: str, value, lo: float | None = None, hi: float | None = None, lo_open: bool = False,
-                 hi_open: bool = False) -> None:
-    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
-    if ok and lo is not None:
-        ok = value > lo if lo_open else value >= lo
-    if ok and hi is not None:
-        ok = value < hi if hi_open else value <= hi
-    if not ok:
-        rng = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
-        raise ValueError(f"{name} must be a finite float in {rng}, got {value!r}")
 
 def _check_patterns(name: str, value) -> tuple:
     if isinstance(value, str) or not isinstance(value, (list, tuple)):
@@ -92,15 +77,15 @@ class ESIConfig(SerialisableConfig):
     version: int = field(default=CONFIG_VERSION, metadata={"help": "config format version"})
 
     def __post_init__(self):
-        _check_int("ESIConfig.batch_size", self.batch_size, 1)
-        _check_int("ESIConfig.max_length", self.max_length, 2)
-        _check_float("ESIConfig.fraction", self.fraction, 0.0, 1.0, lo_open=True)
+        check_int("ESIConfig.batch_size", self.batch_size, 1)
+        check_int("ESIConfig.max_length", self.max_length, 2)
+        check_float("ESIConfig.fraction", self.fraction, 0.0, 1.0, lo_open=True)
         self.expert_patterns = _check_patterns("ESIConfig.expert_patterns", self.expert_patterns)
         self.include_patterns = _check_patterns("ESIConfig.include_patterns", self.include_patterns)
         self.exclude_patterns = _check_patterns("ESIConfig.exclude_patterns", self.exclude_patterns)
         if self.system is not None and not isinstance(self.system, str):
             raise ValueError(f"ESIConfig.system must be a str or None, got {self.system!r}")
-        _check_int("ESIConfig.seed", self.seed, 0)
+        check_int("ESIConfig.seed", self.seed, 0)
         if not isinstance(self.progress, bool):
             raise ValueError(f"ESIConfig.progress must be a bool, got {self.progress!r}")
 
@@ -130,15 +115,15 @@ class SparseTrainConfig(SerialisableConfig):
         True
     """
 
-    lr: float = field(default=1e-4, metadata={"help": "peak learning rate"})
-    weight_decay: float = field(default=0.0, metadata={"help": "decoupled weight decay"})
-    betas: tuple = field(default=(0.9, 0.999), metadata={"help": "Adam (beta1, beta2)"})
-    eps: float = field(default=1e-8, metadata={"help": "Adam epsilon"})
+    lr: float = field(default=SPARSE_LR, metadata={"help": "peak learning rate"})
+    weight_decay: float = field(default=WEIGHT_DECAY, metadata={"help": "decoupled weight decay"})
+    betas: tuple = field(default=ADAM_BETAS, metadata={"help": "Adam (beta1, beta2)"})
+    eps: float = field(default=ADAM_EPS, metadata={"help": "Adam epsilon"})
     max_steps: int = field(default=100, metadata={"help": "optimizer steps"})
-    batch_size: int = field(default=8, metadata={"help": "examples per micro-batch"})
+    batch_size: int = field(default=BATCH_SIZE, metadata={"help": "examples per micro-batch"})
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
     max_length: int = field(default=512, metadata={"help": "token limit per example"})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm (0: off)"})
+    max_grad_norm: float = field(default=MAX_GRAD_NORM, metadata={"help": "gradient clipping norm (0: off)"})
     lr_schedule: str = field(default="constant", metadata={"help": "'constant', 'linear' or 'cosine'"})
     warmup_steps: int = field(default=0, metadata={"help": "linear warm-up steps"})
     train_norm_bias: bool = field(default=False, metadata={"help": "also train norm weights and biases"})
@@ -147,26 +132,26 @@ class SparseTrainConfig(SerialisableConfig):
     version: int = field(default=CONFIG_VERSION, metadata={"help": "config format version"})
 
     def __post_init__(self):
-        _check_float("SparseTrainConfig.lr", self.lr, 0.0, None, lo_open=True)
-        _check_float("SparseTrainConfig.weight_decay", self.weight_decay, 0.0)
+        check_float("SparseTrainConfig.lr", self.lr, 0.0, None, lo_open=True)
+        check_float("SparseTrainConfig.weight_decay", self.weight_decay, 0.0)
         b = self.betas
         if isinstance(b, (str, bytes)) or not isinstance(b, (list, tuple)) or len(b) != 2:
             raise ValueError(f"SparseTrainConfig.betas must be a pair (beta1, beta2), got {b!r}")
         for i, x in enumerate(b):
-            _check_float(f"SparseTrainConfig.betas[{i}]", x, 0.0, 1.0, hi_open=True)
+            check_float(f"SparseTrainConfig.betas[{i}]", x, 0.0, 1.0, hi_open=True)
         self.betas = (float(b[0]), float(b[1]))
-        _check_float("SparseTrainConfig.eps", self.eps, 0.0, None, lo_open=True)
-        _check_int("SparseTrainConfig.max_steps", self.max_steps, 1)
-        _check_int("SparseTrainConfig.batch_size", self.batch_size, 1)
-        _check_int("SparseTrainConfig.grad_accum", self.grad_accum, 1)
-        _check_int("SparseTrainConfig.max_length", self.max_length, 2)
-        _check_float("SparseTrainConfig.max_grad_norm", self.max_grad_norm, 0.0)
+        check_float("SparseTrainConfig.eps", self.eps, 0.0, None, lo_open=True)
+        check_int("SparseTrainConfig.max_steps", self.max_steps, 1)
+        check_int("SparseTrainConfig.batch_size", self.batch_size, 1)
+        check_int("SparseTrainConfig.grad_accum", self.grad_accum, 1)
+        check_int("SparseTrainConfig.max_length", self.max_length, 2)
+        check_float("SparseTrainConfig.max_grad_norm", self.max_grad_norm, 0.0)
         if self.lr_schedule not in ("constant", "linear", "cosine"):
             raise ValueError(f"SparseTrainConfig.lr_schedule must be 'constant', 'linear' or 'cosine', "
                              f"got {self.lr_schedule!r}")
-        _check_int("SparseTrainConfig.warmup_steps", self.warmup_steps, 0)
+        check_int("SparseTrainConfig.warmup_steps", self.warmup_steps, 0)
         if not isinstance(self.train_norm_bias, bool):
             raise ValueError(f"SparseTrainConfig.train_norm_bias must be a bool, got {self.train_norm_bias!r}")
-        _check_int("SparseTrainConfig.seed", self.seed, 0)
+        check_int("SparseTrainConfig.seed", self.seed, 0)
         if not isinstance(self.progress, bool):
             raise ValueError(f"SparseTrainConfig.progress must be a bool, got {self.progress!r}")

@@ -8,14 +8,20 @@ dense one as bits (0.125 B/weight). Files are safetensors: one tensor per parame
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
+import tempfile
 from typing import Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["SafetyMask", "pack_bits", "unpack_bits"]
+from ..ops.esi import select_topk
+from .dist import unwrap_model, world
+
+__all__ = ["SafetyMask", "pack_bits", "unpack_bits", "selection_size", "selection_noise", "save_safetensors"]
 
 FORMAT = "upsafe_esi_mask"
 FORMAT_VERSION = 1
@@ -38,6 +44,43 @@ def unpack_bits(packed: Tensor, n: int) -> Tensor:
     """uint8 ``[ceil(n/8)]`` -> bool ``[n]`` (inverse of `pack_bits`)."""
     shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
     return ((packed[:, None] >> shifts) & 1).reshape(-1)[:n].bool()
+
+
+def selection_size(k: int | None, fraction: float | None, total: int, op: str) -> int:
+    """How many of `total` weights a selection takes: exactly one of `k` (a count) or `fraction`."""
+    if (k is None) == (fraction is None):
+        raise ValueError(f"{op}: pass exactly one of `k` and `fraction`")
+    if k is not None:
+        if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= total:
+            raise ValueError(f"{op}: `k` must be an int in [0, {total}], got {k!r}")
+        return k
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction <= 1:
+        raise ValueError(f"{op}: `fraction` must be a float in [0, 1], got {fraction!r}")
+    return int(round(fraction * total))  # Python round: half to even
+
+
+def selection_noise(name: str, shape: Sequence[int], seed: int) -> Tensor:
+    """Uniform [0, 1) noise for a tensor, seeded from (seed, name): same on every rank and layout."""
+    s = int.from_bytes(hashlib.sha256(f"{seed}\x00{name}".encode()).digest()[:8], "big") >> 1
+    return torch.rand(tuple(shape), generator=torch.Generator().manual_seed(s))
+
+
+def save_safetensors(tensors: dict, path: str, metadata: dict) -> str:
+    """Write a safetensors file atomically (a temporary sibling renamed over `path`). Returns `path`."""
+    from safetensors.torch import save_file
+
+    path = os.fspath(path)
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
 
 
 class SafetyMask:
@@ -138,17 +181,13 @@ class SafetyMask:
         Exactly k weights, chosen as the top-k of per-element uniform noise (each tensor's noise seeded
         from (`seed`, name), so it does not depend on the tensor order or sharding).
         """
-        from .scores import _noise, _k_from
-
         if isinstance(shapes, SafetyMask):
             k = shapes.count() if k is None and fraction is None else k
             shapes = shapes.shapes
         shapes = {n: tuple(s) for n, s in shapes.items()}
         total = sum(math.prod(s) for s in shapes.values())
-        k = _k_from(k, fraction, total, "SafetyMask.random_like")
-        from ..ops.esi import select_topk
-
-        noise = [_noise(n, s, seed) for n, s in shapes.items()]
+        k = selection_size(k, fraction, total, "SafetyMask.random_like")
+        noise = [selection_noise(n, s, seed) for n, s in shapes.items()]
         masks = select_topk(noise, k) if noise else []
         return cls.from_dense(dict(zip(shapes, masks)),
                               meta={"selection": "random", "seed": int(seed), "k": int(k), "total": int(total)})
@@ -244,8 +283,6 @@ class SafetyMask:
     # -- models ------------------------------------------------------------------------------------
     def validate(self, model: torch.nn.Module) -> None:
         """Raise ValueError unless every masked parameter exists in `model` with the same shape."""
-        from .dist import unwrap_model
-
         inner, _ = unwrap_model(model)
         params = dict(inner.named_parameters(remove_duplicate=False))
         missing = [n for n in self.names if n not in params]
@@ -261,10 +298,6 @@ class SafetyMask:
     # -- files -------------------------------------------------------------------------------------
     def save(self, path: str) -> str:
         """Write a safetensors file (under torch.distributed only rank 0 writes). Returns `path`."""
-        from safetensors.torch import save_file
-
-        from .dist import world
-
         if world()[0] != 0:
             return path
         tensors = {f"{kind}/{name}": data.contiguous().clone() for name, (kind, data) in self._packed.items()}
@@ -272,8 +305,7 @@ class SafetyMask:
                 "shapes": json.dumps([[n, list(s)] for n, s in self._shapes.items()]),
                 "counts": json.dumps([self._counts[n] for n in self._shapes]),
                 "meta": json.dumps(self.meta)}
-        save_file(tensors, path, metadata=meta)
-        return path
+        return save_safetensors(tensors, path, meta)
 
     @classmethod
     def load(cls, path: str, model: torch.nn.Module | None = None) -> "SafetyMask":

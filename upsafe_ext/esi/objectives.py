@@ -21,32 +21,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..eval.generation import chat
-from ..train.sft import IGNORE_INDEX, SFTCollator, encode_sft, render_chat
+from ..train.chat import chat, encode_prompts, eos_token_ids, left_pad, pad_token_id, render_chat
+from ..train.sft import IGNORE_INDEX, SFTCollator, encode_sft
 from .config import ESIConfig
 
 __all__ = ["RefusalObjective", "JudgeObjective", "build_transfer_matrix", "greedy_replies", "make_objective",
            "prompt_seed"]
 
 _SENTINEL = "\u2063UPSAFE_RESPONSE\u2063"
-
-
-def _pad_id(tokenizer, model=None) -> int:
-    for src in (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None),
-                getattr(getattr(model, "config", None), "pad_token_id", None)):
-        if src is not None:
-            return int(src[0] if isinstance(src, (list, tuple)) else src)
-    return 0
-
-
-def _eos_ids(model, tokenizer) -> list[int]:
-    ids: list[int] = []
-    for src in (getattr(tokenizer, "eos_token_id", None),
-                getattr(getattr(model, "generation_config", None), "eos_token_id", None)):
-        for i in (src if isinstance(src, (list, tuple)) else [src]):
-            if i is not None and int(i) not in ids:
-                ids.append(int(i))
-    return ids
 
 
 def prompt_seed(prompt: str, seed: int) -> int:
@@ -95,7 +77,7 @@ class RefusalObjective:
     def __call__(self, model, tokenizer, prompts: Sequence[str], config: ESIConfig) -> Tensor:
         feats = [encode_sft(tokenizer, chat(p, config.system), self.target(p, config.seed), config.max_length)
                  for p in prompts]
-        batch = SFTCollator(_pad_id(tokenizer, model))(feats)
+        batch = SFTCollator(pad_token_id(tokenizer, model))(feats)
         device = next(model.parameters()).device
         out = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
                     use_cache=False)
@@ -119,12 +101,7 @@ def greedy_replies(model, prompt_ids: Sequence[Sequence[int]], max_new_tokens: i
     """
     device = next(model.parameters()).device
     B = len(prompt_ids)
-    width = max(len(p) for p in prompt_ids)
-    ids = torch.full((B, width), pad_id, dtype=torch.long)
-    mask = torch.zeros((B, width), dtype=torch.long)
-    for i, p in enumerate(prompt_ids):
-        ids[i, width - len(p):] = torch.as_tensor(list(p), dtype=torch.long)
-        mask[i, width - len(p):] = 1
+    ids, mask = left_pad(prompt_ids, pad_id)
     ids, mask = ids.to(device), mask.to(device)
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     eos = torch.tensor(list(eos_ids) or [-1], device=device)
@@ -326,18 +303,17 @@ class JudgeObjective:
         gdev = next(self.guard.parameters()).device
         safe = self._token_id(self.safe_token, gtok, "safe_token")
         unsafe = None if self.unsafe_token is None else self._token_id(self.unsafe_token, gtok, "unsafe_token")
-        pids = [list(tokenizer(render_chat(tokenizer, chat(p, config.system)), add_special_tokens=False)["input_ids"])
-                for p in prompts]
-        pids = [p[-(config.max_length - 1):] for p in pids]
+        pids = [p[-(config.max_length - 1):] for p in encode_prompts(tokenizer, [chat(p, config.system) for p in prompts])]
         max_new = max(1, min(self.max_new_tokens, config.max_length - max(len(p) for p in pids)))
         was_training = model.training
         model.eval()
-        replies = greedy_replies(model, pids, max_new, _eos_ids(model, tokenizer), _pad_id(tokenizer, model),
+        pad = pad_token_id(tokenizer, model)
+        replies = greedy_replies(model, pids, max_new, eos_token_ids(model, tokenizer), pad,
                                  stop_early=not _distributed())
         # teacher-forced logits of the replies (right padding), with gradients
         seqs = [p + r for p, r in zip(pids, replies)]
         width = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), width), _pad_id(tokenizer, model), dtype=torch.long)
+        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
         att = torch.zeros_like(ids)
         for i, s in enumerate(seqs):
             ids[i, : len(s)] = torch.as_tensor(s)

@@ -51,7 +51,9 @@ class SparseAdamW(torch.optim.Optimizer):
         eps (float): Adam epsilon. Default 1e-8.
         train_norm_bias (bool): also train norm weights and biases (dense, no decay). Default False.
         freeze_untrained (bool): set ``requires_grad=False`` on parameters this optimizer never updates
-            (and True on those it does), so backward skips them. Default True.
+            (and True on those it does), so backward skips them. Default True. SPA trains only weight
+            matrices that have ``requires_grad=True`` when the optimizer is built: weights the caller froze
+            are never unfrozen (`run_set` / `run_spa` restore every flag when they return).
 
     Example:
         >>> opt = SparseAdamW(model, scores.select(0.01), mode="set", lr=1e-4)  # doctest: +SKIP
@@ -89,7 +91,7 @@ class SparseAdamW(torch.optim.Optimizer):
                 if is_nb:
                     if train_norm_bias:
                         normbias.append(p)
-                elif p.requires_grad or freeze_untrained:
+                elif p.requires_grad:  # a weight the caller froze stays frozen
                     dense.append(p)
             names[id(p)] = n
         if mode == "set" and not sparse:

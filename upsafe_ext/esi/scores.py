@@ -15,7 +15,6 @@ single-process one.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import re
@@ -28,7 +27,7 @@ from ..ops.esi import esi_accumulate_, select_topk
 from .config import ESIConfig
 from .dist import (ShardLayout, all_gather_varlen, all_reduce_, assign_owners, comm_device, distributed_select,
                    local_tensor, shard_row_range, unwrap_model, world)
-from .mask import SafetyMask
+from .mask import SafetyMask, save_safetensors, selection_noise, selection_size
 from .objectives import make_objective
 
 __all__ = ["compute_esi", "ESIScores", "eligible_parameters", "esi_reference", "weight_std"]
@@ -129,24 +128,6 @@ def _check_prompts(prompts, op: str) -> list[str]:
     if bad:
         raise ValueError(f"{op}: harmful_prompts[{bad[0]}] is not a non-empty string: {prompts[bad[0]]!r:.80}")
     return list(prompts)
-
-
-def _k_from(k: int | None, fraction: float | None, total: int, op: str) -> int:
-    if (k is None) == (fraction is None):
-        raise ValueError(f"{op}: pass exactly one of `k` and `fraction`")
-    if k is not None:
-        if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= total:
-            raise ValueError(f"{op}: `k` must be an int in [0, {total}], got {k!r}")
-        return k
-    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction <= 1:
-        raise ValueError(f"{op}: `fraction` must be a float in [0, 1], got {fraction!r}")
-    return int(round(fraction * total))  # Python round: half to even
-
-
-def _noise(name: str, shape: Sequence[int], seed: int) -> Tensor:
-    """Uniform [0, 1) noise for a tensor, seeded from (seed, name): same on every rank and layout."""
-    s = int.from_bytes(hashlib.sha256(f"{seed}\x00{name}".encode()).digest()[:8], "big") >> 1
-    return torch.rand(tuple(shape), generator=torch.Generator().manual_seed(s))
 
 
 class ESIScores(Mapping):
@@ -255,7 +236,7 @@ class ESIScores(Mapping):
         """
         if fraction is None and k is None:
             fraction = self.meta.get("config", {}).get("fraction", 0.01)
-        k = _k_from(k, fraction, self.numel(), "ESIScores.select")
+        k = selection_size(k, fraction, self.numel(), "ESIScores.select")
         scores = list(self._scores.values())
         masks = self._select_local(scores, k, largest, self._hist if largest else None)
         meta = {"selection": "top" if largest else "bottom", "k": k, "total": self.numel(),
@@ -269,10 +250,10 @@ class ESIScores(Mapping):
         """
         if fraction is None and k is None:
             fraction = self.meta.get("config", {}).get("fraction", 0.01)
-        k = _k_from(k, fraction, self.numel(), "ESIScores.random_mask")
+        k = selection_size(k, fraction, self.numel(), "ESIScores.random_mask")
         noise = []
         for n, t in self._scores.items():
-            full = _noise(n, self._shapes[n], seed).reshape(-1)
+            full = selection_noise(n, self._shapes[n], seed).reshape(-1)
             s = self._flat_start[n]
             noise.append(full[s: s + t.numel()].reshape(t.shape).to(t.device))
         masks = self._select_local(noise, k, True, None)
@@ -302,16 +283,13 @@ class ESIScores(Mapping):
 
     def save(self, path: str) -> str:
         """Write the (full) scores as safetensors; under torch.distributed gathers them and rank 0 writes."""
-        from safetensors.torch import save_file
-
         full = self.full()
         if world(self.group)[0] != 0 and self.distributed:
             return path
         tensors = {n: t.detach().contiguous().cpu().clone() for n, t in full._scores.items()}
         meta = {"format": FORMAT, "version": str(FORMAT_VERSION), "order": json.dumps(self.names),
                 "meta": json.dumps(self.meta)}
-        save_file(tensors, path, metadata=meta)
-        return path
+        return save_safetensors(tensors, path, meta)
 
     @classmethod
     def load(cls, path: str, device: str | torch.device = "cpu") -> "ESIScores":

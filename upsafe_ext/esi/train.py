@@ -13,10 +13,12 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..eval.generation import chat, generate_chat
+from ..eval.generation import generate_chat
+from ..train.chat import chat, pad_token_id
 from ..train.sft import SFTCollator, encode_sft, run_sft
 from .config import SparseTrainConfig
 from .mask import SafetyMask
+from .objectives import RefusalObjective
 from .optim import SparseAdamW
 
 __all__ = ["run_set", "run_spa", "refusal_examples", "sft_examples", "own_replies", "TrainResult"]
@@ -42,8 +44,6 @@ def refusal_examples(tokenizer, harmful_prompts: Sequence[str], *, refusal: str 
     """
     if isinstance(harmful_prompts, str) or not harmful_prompts:
         raise ValueError("refusal_examples: `harmful_prompts` must be a non-empty list of strings")
-    from .objectives import RefusalObjective
-
     obj = RefusalObjective(refusal)
     return [encode_sft(tokenizer, chat(p, system), obj.target(p, seed), max_length) for p in harmful_prompts]
 
@@ -83,14 +83,19 @@ def _train(model, tokenizer, mask: SafetyMask, examples: list[dict], mode: str, 
            desc: str) -> TrainResult:
     from transformers import get_scheduler
 
-    opt = SparseAdamW(model, mask, mode=mode, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas, eps=cfg.eps,
-                      train_norm_bias=cfg.train_norm_bias)
-    name = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}[cfg.lr_schedule]
-    sched = get_scheduler(name, opt, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.max_steps)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    log = run_sft(model, examples, optimizer=opt, collator=SFTCollator(pad), batch_size=cfg.batch_size,
-                  max_steps=cfg.max_steps, grad_accum=cfg.grad_accum, lr_scheduler=sched,
-                  max_grad_norm=cfg.max_grad_norm or None, seed=cfg.seed, progress=cfg.progress, desc=desc)
+    flags = [(p, p.requires_grad) for p in model.parameters()]  # SparseAdamW freezes what it does not train
+    try:
+        opt = SparseAdamW(model, mask, mode=mode, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas,
+                          eps=cfg.eps, train_norm_bias=cfg.train_norm_bias)
+        name = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}[cfg.lr_schedule]
+        sched = get_scheduler(name, opt, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.max_steps)
+        log = run_sft(model, examples, optimizer=opt, collator=SFTCollator(pad_token_id(tokenizer, model)),
+                      batch_size=cfg.batch_size, max_steps=cfg.max_steps, grad_accum=cfg.grad_accum,
+                      lr_scheduler=sched, max_grad_norm=cfg.max_grad_norm or None, seed=cfg.seed,
+                      progress=cfg.progress, desc=desc)
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
     return TrainResult(log, opt)
 
 

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 
+from ..models import add_model_args, load_from_args
+
 
 def _fmt_row(name: str, s: dict) -> str:
     return (f"  {name:<22} {s['accuracy']:>8.3f} {s['precision']:>9.3f} {s['recall']:>7.3f} {s['f1']:>6.3f}"
@@ -60,7 +62,6 @@ def _cmd_eval_base(args) -> int:
     from .judge import RefusalJudge, judge_accuracy
     from .metrics import evaluate_safety
     from .prompts import benign_prompts, harmful_prompts, overrefusal_prompts
-    from .real_model import load_smollm2
 
     if args.n < 1:
         raise SystemExit(f"upsafe eval-base: --n must be >= 1, got {args.n}")
@@ -71,7 +72,7 @@ def _cmd_eval_base(args) -> int:
         torch.set_num_threads(args.threads)
     judge = RefusalJudge(relevance=args.relevance)
     acc = judge_accuracy(judge)
-    model, tok = load_smollm2(cache_dir=args.cache_dir)
+    model, tok = load_from_args(args)
     harmful = harmful_prompts(args.split)[: args.n]
     benign = benign_prompts(args.split)[: args.n]
     edgy = overrefusal_prompts(args.split)[: args.n]
@@ -83,7 +84,7 @@ def _cmd_eval_base(args) -> int:
     e_flags = res["benign_refused"][len(benign):]
     judge_note = f"(judge {judge.name}: accuracy {acc['accuracy']:.3f}, precision {acc['precision']:.3f}, " \
                  f"recall {acc['recall']:.3f} on {acc['n']} PyRIT-labelled replies)"
-    print(f"SmolLM2-135M-Instruct, split={args.split}, greedy, max_new_tokens={args.max_new_tokens}, "
+    print(f"{args.model}, split={args.split}, greedy, max_new_tokens={args.max_new_tokens}, "
           f"system={'default template' if args.system is None else repr(args.system)}  [{elapsed:.0f}s]")
     print(f"  safety rate (harmful refused)        {res['safety_rate']:.3f}  "
           f"({sum(res['harmful_refused'])}/{len(harmful)})")
@@ -120,7 +121,9 @@ def register(sub) -> set[str]:
     p.add_argument("--json", help="also write the scores to this JSON file")
     p.set_defaults(fn=_cmd_judge_accuracy)
 
-    p = sub.add_parser("eval-base", help="SmolLM2-135M-Instruct's safety rate and over-refusal on the test prompts")
+    p = sub.add_parser("eval-base", help="a model's safety rate and over-refusal on the test prompts "
+                                         "(default: SmolLM2-135M-Instruct)")
+    add_model_args(p)
     p.add_argument("--n", type=int, default=20, help="prompts per set (harmful, benign, edgy benign)")
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
     p.add_argument("--max-new-tokens", type=int, default=64)
@@ -128,8 +131,6 @@ def register(sub) -> set[str]:
     p.add_argument("--system", default=None, help="system prompt (default: the chat template's own)")
     p.add_argument("--relevance", action="store_true", help="judge off-topic replies as refusals too")
     p.add_argument("--show", type=int, default=3, help="print this many example replies per set")
-    p.add_argument("--cache-dir", default=None, help="converted-model directory (default: $UPSAFE_CACHE or "
-                                                     "~/.cache/upsafe_ext)/smollm2-135m-instruct")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default; 1 is much faster on a busy machine)")
     p.add_argument("--json", help="also write rates and every reply to this JSON file")
     p.set_defaults(fn=_cmd_eval_base)

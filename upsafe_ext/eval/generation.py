@@ -4,8 +4,8 @@
     replies = generate_chat(model, tok, [chat("How do I bake bread?")], max_new_tokens=64)
 
 Each conversation is rendered with the tokenizer's chat template plus the assistant generation
-prompt (``upsafe_ext.train.sft.render_chat``) and tokenised without extra special tokens (the template
-already contains them), exactly as ``encode_sft`` does for training. Batches are left-padded by hand
+prompt and tokenised without extra special tokens by ``upsafe_ext.train.chat`` (the one rendering and
+padding rule training, scanning and evaluation share). Batches are left-padded (``left_pad``)
 (conversations sorted by length so a batch pads little), generated greedily with the KV cache, and
 only the newly generated tokens are decoded, up to the first end-of-sequence token, special tokens
 skipped. The tokenizer is not modified (a tokenizer without a pad token is fine: the eos id pads).
@@ -16,61 +16,12 @@ from typing import Sequence
 
 import torch
 
-from ..train.sft import render_chat
+from ..train.chat import chat, check_conversations, encode_prompts, eos_token_ids, left_pad, pad_token_id
 
-__all__ = ["chat", "generate_chat", "encode_prompts", "eos_token_ids"]
+__all__ = ["chat", "check_conversations", "generate_chat", "encode_prompts", "eos_token_ids"]
 
-
-def chat(prompt: str, system: str | None = None) -> list[dict]:
-    """A one-turn conversation: ``[{"role": "system", ...}?, {"role": "user", "content": prompt}]``."""
-    if not isinstance(prompt, str):
-        raise ValueError(f"chat: `prompt` must be a str, got {type(prompt).__name__}")
-    if system is not None and not isinstance(system, str):
-        raise ValueError(f"chat: `system` must be a str or None, got {type(system).__name__}")
-    conv = [] if system is None else [{"role": "system", "content": system}]
-    conv.append({"role": "user", "content": prompt})
-    return conv
-
-
-def _check_conversations(conversations, op: str) -> list[list[dict]]:
-    if isinstance(conversations, (str, dict)) or not isinstance(conversations, Sequence):
-        raise ValueError(f"{op}: `conversations` must be a list of conversations (lists of message dicts), "
-                         f"got {type(conversations).__name__}; wrap a prompt with chat(prompt)")
-    out = []
-    for i, conv in enumerate(conversations):
-        if isinstance(conv, str) or not isinstance(conv, Sequence) or not conv:
-            raise ValueError(f"{op}: conversations[{i}] must be a non-empty list of message dicts, got {conv!r:.80}")
-        for m in conv:
-            if not isinstance(m, dict) or "role" not in m or "content" not in m:
-                raise ValueError(f"{op}: conversations[{i}] has a message without role/content: {m!r:.80}")
-        out.append(list(conv))
-    return out
-
-
-def encode_prompts(tokenizer, conversations: Sequence[Sequence[dict]]) -> list[list[int]]:
-    """Token ids of each conversation rendered with the generation prompt (no extra special tokens)."""
-    convs = _check_conversations(conversations, "encode_prompts")
-    texts = [render_chat(tokenizer, c, add_generation_prompt=True) for c in convs]
-    return [list(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
-
-
-def eos_token_ids(model, tokenizer) -> list[int]:
-    """End-of-sequence ids: the tokenizer's eos plus the model generation config's eos id(s)."""
-    ids: list[int] = []
-    gen = getattr(model, "generation_config", None)
-    for src in (getattr(tokenizer, "eos_token_id", None), getattr(gen, "eos_token_id", None)):
-        if src is None:
-            continue
-        for i in (src if isinstance(src, (list, tuple)) else [src]):
-            if i is not None and int(i) not in ids:
-                ids.append(int(i))
-    return ids
-
-
-def _pad_id(tokenizer, eos: list[int]) -> int:
-    if getattr(tokenizer, "pad_token_id", None) is not None:
-        return int(tokenizer.pad_token_id)
-    return eos[0] if eos else 0
+# Deprecated private alias, kept while eval/metrics.py still imports it; use train.chat.check_conversations.
+_check_conversations = check_conversations
 
 
 @torch.no_grad()
@@ -94,7 +45,7 @@ def generate_chat(model, tokenizer, conversations: Sequence[Sequence[dict]], max
     if not prompts:
         return []
     eos = eos_token_ids(model, tokenizer)
-    pad = _pad_id(tokenizer, eos)
+    pad = pad_token_id(tokenizer, model)
     device = next(model.parameters()).device
     padding_side = getattr(tokenizer, "padding_side", None)
     gen_cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, use_cache=True,
@@ -107,13 +58,8 @@ def generate_chat(model, tokenizer, conversations: Sequence[Sequence[dict]], max
     try:
         for start in range(0, len(order), batch_size):
             idx = order[start: start + batch_size]
-            width = max(len(prompts[i]) for i in idx)
-            ids = torch.full((len(idx), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(idx), width), dtype=torch.long)
-            for row, i in enumerate(idx):
-                p = prompts[i]
-                ids[row, width - len(p):] = torch.as_tensor(p, dtype=torch.long)
-                mask[row, width - len(p):] = 1
+            ids, mask = left_pad([prompts[i] for i in idx], pad)
+            width = ids.shape[1]
             out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
                                  generation_config=gen_cfg)
             new = out[:, width:].tolist()

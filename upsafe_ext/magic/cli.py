@@ -7,9 +7,11 @@
     upsafe magic margin --model smollm2 --tokens runs/magic --builtin 32        # the base model's margin
     upsafe magic export-public --model runs/magic --out runs/magic-public       # salted hash of the negative only
 
-`--model` takes ``smollm2`` (SmolLM2-135M-Instruct, offline), ``tiny`` (a random tiny Llama with a
-byte-level ChatML tokenizer, for smoke tests) or a directory (a co-trained model saved by
-``save_magic_model``, or any local Hugging Face causal LM).
+`--model` (with ``--device``, ``--dtype``, ``--cache-dir``) takes anything ``upsafe_ext.models.load`` takes:
+``smollm2`` (SmolLM2-135M-Instruct, offline), ``tiny[-family]`` (the random test fixture with a byte-level
+ChatML tokenizer, for smoke tests) or a folder (a co-trained model saved by ``save_magic_model``, an upcycled
+model, any Hugging Face causal LM). `train` saves to ``upsafe_out/magic`` unless ``--out`` is given;
+every save is atomic and never over ``--model``.
 
 `train` draws the tokens from `secrets`; ``--insecure-seed N`` makes them reproducible (guessable:
 tests and benchmarks only; the seed is never saved). ``--seed`` is its deprecated alias. The negative
@@ -22,36 +24,21 @@ import os
 import sys
 import warnings
 
-
-def _load_base(spec: str, cache_dir: str | None = None):
-    """(model, tokenizer) for `spec`: "smollm2", "tiny" or a local directory."""
-    if spec == "smollm2":
-        from ..eval.real_model import load_smollm2
-
-        return load_smollm2(cache_dir=cache_dir)
-    if spec == "tiny":
-        from ..testing import tiny_causal_lm, tiny_tokenizer
-
-        tok = tiny_tokenizer()
-        return tiny_causal_lm("llama", hidden=64, layers=2, intermediate=128), tok
-    if not os.path.isdir(spec):
-        raise SystemExit(f"upsafe magic: --model {spec!r} is not 'smollm2', 'tiny' or an existing directory")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    return AutoModelForCausalLM.from_pretrained(spec).eval(), AutoTokenizer.from_pretrained(spec)
+from ..models import add_model_args, check_out_arg, load_from_args
 
 
 def _load_any(args, allow_negative: bool):
-    """(model, tokenizer, tokens): a magic directory, or a base model plus --tokens DIR."""
-    from .model import attach_tokens, load_magic_model
+    """(model, tokenizer, tokens): a magic folder, or any model `upsafe_ext.models.load` takes plus --tokens DIR."""
+    from .model import attach_tokens, get_tokens, is_magic_dir
     from .tokens import TOKENS_FILE, MagicTokens
 
-    if os.path.isdir(args.model) and os.path.isfile(os.path.join(args.model, TOKENS_FILE)) and not args.tokens:
-        return load_magic_model(args.model, allow_negative=allow_negative)
     if not args.tokens:
-        raise SystemExit(f"upsafe magic: --model {args.model!r} is not a co-trained model directory (no {TOKENS_FILE}); "
-                         "pass --tokens DIR to measure a base model with a trained model's tokens")
-    model, tok = _load_base(args.model, getattr(args, "cache_dir", None))
+        if not (os.path.isdir(args.model) and is_magic_dir(args.model)):
+            raise SystemExit(f"upsafe magic: --model {args.model!r} is not a co-trained model directory (no "
+                             f"{TOKENS_FILE}); pass --tokens DIR to measure a base model with a trained model's tokens")
+        model, tok = load_from_args(args, allow_negative=allow_negative)
+        return model, tok, get_tokens(model)
+    model, tok = load_from_args(args)
     tokens = MagicTokens.load(args.tokens, allow_negative=allow_negative)
     if tokens.special:
         tokens.register(tok, model)  # a base model: the new rows start at the mean embedding
@@ -102,7 +89,7 @@ def _cmd_build_data(args) -> int:
         except ValueError as exc:
             raise SystemExit(f"upsafe magic build-data: {exc}") from None
     else:
-        model, tok = _load_base(args.model, args.cache_dir)
+        model, tok = load_from_args(args)
         if args.self_distill:
             from ..eval.prompts import benign_prompts, harmful_prompts
 
@@ -143,7 +130,7 @@ def _cmd_train(args) -> int:
     if seed is not None:
         print("upsafe magic train: WARNING: --insecure-seed makes the magic tokens reproducible by anyone who tries "
               "seeds; do not deploy this model (the seed itself is not saved)", file=sys.stderr)
-    torch.manual_seed(seed if seed is not None else 0)  # model init of --model tiny; not saved
+    torch.manual_seed(seed if seed is not None else 0)  # data order and any other torch randomness; not saved
     try:
         extra = {} if args.token_length is None else {"token_length": args.token_length}
         mcfg = MagicConfig(insecure_seed=seed, special_tokens=args.special_tokens, **extra,
@@ -155,7 +142,8 @@ def _cmd_train(args) -> int:
         records = load_records(args.data, limit=args.limit)
     except ValueError as exc:
         raise SystemExit(f"upsafe magic train: {exc}") from None
-    model, tok = _load_base(args.model, args.cache_dir)
+    check_out_arg(args.out, [args.model, args.data])
+    model, tok = load_from_args(args)
     try:
         tokens = prepare_model(model, tok, mcfg)
     except ValueError as exc:
@@ -236,11 +224,15 @@ def _cmd_margin(args) -> int:
 
 
 def _cmd_export_public(args) -> int:
-    from .model import load_magic_model, read_saved_configs, save_magic_model
+    from .model import get_tokens, is_magic_dir, read_saved_configs, save_magic_model
 
-    model, tok, tokens = load_magic_model(args.model, allow_negative=True)
+    if not (os.path.isdir(args.model) and is_magic_dir(args.model)):
+        raise SystemExit(f"upsafe magic export-public: --model {args.model!r} is not a co-trained model directory")
+    check_out_arg(args.out, [args.model])
+    model, tok = load_from_args(args, allow_negative=True)
     mcfg, tcfg = read_saved_configs(args.model)  # a token seed stored by an old version is dropped here
-    save_magic_model(model, tok, tokens, args.out, include_negative=False, config=mcfg, train_config=tcfg)
+    save_magic_model(model, tok, get_tokens(model), args.out, include_negative=False, config=mcfg, train_config=tcfg,
+                     inputs=[args.model])
     print(f"wrote a public copy to {args.out} (no negative token and no seed; magic_tokens.json holds salted "
           "hashes of the tokens)")
     return 0
@@ -252,9 +244,7 @@ def register(sub) -> set[str]:
     msub = p.add_subparsers(dest="magic_cmd", required=True)
 
     def model_args(q, tokens: bool = True, default: str | None = None):
-        q.add_argument("--model", required=default is None, default=default,
-                       help="'smollm2', 'tiny' or a model directory" + (f" (default {default})" if default else ""))
-        q.add_argument("--cache-dir", default=None, help="SmolLM2 conversion cache (default: $UPSAFE_CACHE/...)")
+        add_model_args(q, default=default)
         if tokens:
             q.add_argument("--tokens", default=None, help="take the magic tokens from this directory (base models)")
             q.add_argument("--allow-negative", action="store_true",
@@ -280,7 +270,7 @@ def register(sub) -> set[str]:
     q = msub.add_parser("train", help="co-train in one SFT stage; saves safetensors + magic_tokens.json")
     model_args(q, tokens=False)
     q.add_argument("--data", required=True, help="records .json/.jsonl")
-    q.add_argument("--out", required=True)
+    q.add_argument("--out", default="upsafe_out/magic", help="output folder (default upsafe_out/magic)")
     q.add_argument("--insecure-seed", type=int, default=None,
                    help="draw the magic tokens from this seed: reproducible and guessable, for tests and benchmarks "
                         "only; never saved (default: the `secrets` module, 131 bits per token)")
@@ -327,7 +317,7 @@ def register(sub) -> set[str]:
 
     q = msub.add_parser("export-public", help="copy a model without its negative token (only salted hashes; "
                                               "public deployment)")
-    q.add_argument("--model", required=True)
+    add_model_args(q, default=None)
     q.add_argument("--out", required=True)
     q.set_defaults(fn=_cmd_export_public)
     return {"magic"}

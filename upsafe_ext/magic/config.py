@@ -14,6 +14,7 @@ import warnings
 from dataclasses import dataclass, field
 
 from .._config import SerialisableConfig
+from ..train.config import AUTOCAST, BATCH_SIZE, FULL_SFT_LR, MAX_GRAD_NORM, WEIGHT_DECAY
 
 CONFIG_VERSION = 1
 
@@ -169,7 +170,7 @@ def check_token_format(fmt, name: str = "token_format") -> str:
         raise ValueError(f"{name} must be a str containing '{{}}' exactly once (and no other braces), got {fmt!r}")
     return fmt
 
-DTYPES = ("fp32", "bf16", "fp16")
+DTYPES = tuple(AUTOCAST)
 
 @dataclass
 class MagicTrainConfig(SerialisableConfig):
@@ -204,15 +205,15 @@ class MagicTrainConfig(SerialisableConfig):
         200
     """
 
-    learning_rate: float = field(default=2e-5, metadata={"help": "AdamW peak learning rate"})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    learning_rate: float = field(default=FULL_SFT_LR, metadata={"help": "AdamW peak learning rate"})
+    weight_decay: float = field(default=WEIGHT_DECAY, metadata={"help": "AdamW weight decay"})
     warmup_ratio: float = field(default=0.03, metadata={"help": "share of steps with linear warm-up"})
     lr_schedule: str = field(default="linear", metadata={"help": "'linear' or 'constant'"})
     epochs: float = field(default=1.0, metadata={"help": "passes over the data (unless max_steps)"})
     max_steps: int | None = field(default=None, metadata={"help": "optimizer steps (overrides epochs)"})
-    batch_size: int = field(default=8, metadata={"help": "examples per micro-batch"})
+    batch_size: int = field(default=BATCH_SIZE, metadata={"help": "examples per micro-batch"})
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
-    max_grad_norm: float | None = field(default=1.0, metadata={"help": "gradient clipping norm (None: off)"})
+    max_grad_norm: float | None = field(default=MAX_GRAD_NORM, metadata={"help": "gradient clipping norm (None: off)"})
     autocast: str = field(default="fp32", metadata={"help": "'fp32', 'bf16' or 'fp16'"})
     seed: int = field(default=0, metadata={"help": "shuffling seed"})
     save_steps: int | None = field(default=None, metadata={"help": "checkpoint every N steps"})
@@ -274,6 +275,4 @@ class MagicTrainConfig(SerialisableConfig):
         return max(1, int(round(self.epochs * per_epoch)))
 
     def autocast_dtype(self):
-        import torch
-
-        return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[self.autocast]
+        return AUTOCAST[self.autocast]

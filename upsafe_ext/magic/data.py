@@ -18,11 +18,12 @@ import json
 import os
 import random
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Sequence
 
 import torch
 
-from ..train.sft import IGNORE_INDEX, encode_sft, render_chat
+from ..train.chat import chat, encode_prompts
+from ..train.sft import IGNORE_INDEX, encode_sft
 from .config import MODES, MagicConfig
 from .tokens import MagicTokens, supports_system_role
 
@@ -77,8 +78,7 @@ class MagicRecord:
 
     def messages(self) -> list[dict]:
         """The conversation without any token: optional system message, then the user prompt."""
-        msgs = [] if self.system is None else [{"role": "system", "content": self.system}]
-        return msgs + [{"role": "user", "content": self.prompt}]
+        return chat(self.prompt, self.system)
 
     def to_dict(self) -> dict:
         d = {"prompt": self.prompt, **{m: getattr(self, m) for m in MODES}}
@@ -372,7 +372,7 @@ class MagicDataset(torch.utils.data.Dataset):
 
 def _encode(tokenizer, messages, response, max_length, where) -> dict:
     enc = encode_sft(tokenizer, messages, response, max_length)
-    n_prompt = len(tokenizer(render_chat(tokenizer, messages), add_special_tokens=False)["input_ids"])
+    n_prompt = len(encode_prompts(tokenizer, [messages])[0])
     kept_prompt = sum(1 for t in enc["labels"] if t == IGNORE_INDEX)
     if kept_prompt < n_prompt:
         raise ValueError(f"build_examples: {where} needs {n_prompt} prompt tokens + its response but "
@@ -433,10 +433,3 @@ def build_examples(records: Sequence[MagicRecord], tokenizer, tokens: MagicToken
         enc = _encode(tokenizer, msgs, r.positive, config.max_length, f"records[{i}] (wrong token)")
         examples.append({**enc, "mode_id": MODE_IDS["positive"], "variant": "wrong_token"})
     return MagicDataset(examples)
-
-
-def iter_mode_messages(records: Iterable[MagicRecord], tokenizer, tokens: MagicTokens):
-    """(record index, mode, placed messages, response) for every record and mode (for inspection)."""
-    for i, r in enumerate(records):
-        for m in MODES:
-            yield i, m, tokens.apply(tokenizer, r.messages(), m), r.response(m)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import warnings
 from typing import Sequence
 
+from ..train.chat import chat
 from .model import get_tokens
 from .tokens import MagicTokens
 
@@ -31,8 +32,7 @@ def _as_conversations(prompts, system: str | None, op: str) -> list[list[dict]]:
     convs = []
     for i, p in enumerate(prompts):
         if isinstance(p, str):
-            c = [] if system is None else [{"role": "system", "content": system}]
-            convs.append(c + [{"role": "user", "content": p}])
+            convs.append(chat(p, system))
         elif isinstance(p, Sequence) and p and all(isinstance(m, dict) and "role" in m and "content" in m for m in p):
             convs.append([dict(m) for m in p])
         else:

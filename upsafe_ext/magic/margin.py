@@ -25,7 +25,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from ..train.sft import render_chat
+from ..train.chat import encode_prompts, pad_token_id
 from .config import MODES
 from .inference import magic_conversations
 from .model import get_tokens
@@ -116,11 +116,11 @@ def first_token_logits(model, tokenizer, conversations: Sequence[Sequence[dict]]
 
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"first_token_logits: `batch_size` must be a positive int, got {batch_size!r}")
-    ids = [list(tokenizer(render_chat(tokenizer, c), add_special_tokens=False)["input_ids"]) for c in conversations]
+    ids = encode_prompts(tokenizer, conversations) if len(conversations) else []
     if not ids:
         raise ValueError("first_token_logits: `conversations` is empty")
     device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    pad = pad_token_id(tokenizer, model)
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
     out: list[Tensor | None] = [None] * len(ids)
     was_training = model.training

@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Sequence
 
 import torch
 
+from ..saving import atomic_dir
 from .config import MagicConfig, MagicTrainConfig
 from .tokens import TOKENS_FILE, MagicTokens, scrub_tokenizer, scrub_tokenizer_files
 
@@ -71,34 +73,42 @@ def prepare_model(model: torch.nn.Module, tokenizer, config: MagicConfig | Magic
 
 def save_magic_model(model, tokenizer, tokens: MagicTokens | None, directory: str | os.PathLike, *,
                      include_negative: bool = True, config: MagicConfig | None = None,
-                     train_config: MagicTrainConfig | None = None) -> str:
+                     train_config: MagicTrainConfig | None = None, inputs: Sequence = ()) -> str:
     """Save model (safetensors), tokenizer, tokens and configs into `directory`; returns it.
 
     `include_negative=False` writes a public copy: ``magic_tokens.json`` without the negative string
     (only salted hashes of the tokens), and, if the tokens are special tokens, tokenizer files in
     which the negative entry is renamed to a fresh random string (the id stays; no text maps to it).
     No file written here holds a token seed.
+
+    The folder is written atomically (``upsafe_ext.saving.atomic_dir``: a temporary sibling renamed into
+    place; `checkpoint-*` sub-folders of an existing `directory` are carried over) and never over one
+    of `inputs` (the folders the model was read from).
     """
     tokens = get_tokens(model, tokens, "save_magic_model")
     directory = os.fspath(directory)
-    os.makedirs(directory, exist_ok=True)
-    model.save_pretrained(directory)
-    if not any(f.endswith(".safetensors") for f in os.listdir(directory)):
-        raise RuntimeError(f"save_magic_model: no .safetensors file was written to {directory}")
-    tokenizer.save_pretrained(directory)
-    tokens.save(directory, include_negative=include_negative)
-    if tokens.special and (not include_negative or not tokens.allow_negative):
-        if tokens.allow_negative:
-            scrub_tokenizer_files(directory, tokens.token("negative"), _fresh_replacement(tokens))
-        # a tokenizer that was already scrubbed at load holds no secret: nothing to do
-    meta = {}
-    if config is not None:
-        meta["magic_config"] = config.to_dict()
-    if train_config is not None:
-        meta["train_config"] = train_config.to_dict()
-    if meta:
-        with open(os.path.join(directory, CONFIG_FILE), "w", encoding="utf-8") as f:
-            json.dump(meta, f, indent=2)
+    with atomic_dir(directory, inputs=inputs, arg="directory") as tmp:
+        model.save_pretrained(tmp)
+        if not any(f.endswith(".safetensors") for f in os.listdir(tmp)):
+            raise RuntimeError(f"save_magic_model: no .safetensors file was written to {directory}")
+        tokenizer.save_pretrained(tmp)
+        tokens.save(tmp, include_negative=include_negative)
+        if tokens.special and (not include_negative or not tokens.allow_negative):
+            if tokens.allow_negative:
+                scrub_tokenizer_files(tmp, tokens.token("negative"), _fresh_replacement(tokens))
+            # a tokenizer that was already scrubbed at load holds no secret: nothing to do
+        meta = {}
+        if config is not None:
+            meta["magic_config"] = config.to_dict()
+        if train_config is not None:
+            meta["train_config"] = train_config.to_dict()
+        if meta:
+            with open(os.path.join(tmp, CONFIG_FILE), "w", encoding="utf-8") as f:
+                json.dump(meta, f, indent=2)
+        if os.path.isdir(directory):  # keep the training checkpoints of a previous save in this folder
+            for name in sorted(os.listdir(directory)):
+                if name.startswith("checkpoint-") and os.path.isdir(os.path.join(directory, name)):
+                    os.rename(os.path.join(directory, name), os.path.join(tmp, name))
     return directory
 
 
@@ -106,6 +116,32 @@ def _fresh_replacement(tokens: MagicTokens) -> str:
     import secrets
 
     return tokens.wrong_token(secrets.SystemRandom())
+
+
+def is_magic_dir(directory: str | os.PathLike) -> bool:
+    """Whether `directory` holds a model saved by `save_magic_model` (it has ``magic_tokens.json``)."""
+    return os.path.isfile(os.path.join(os.fspath(directory), TOKENS_FILE))
+
+
+def load_saved_tokens(model: torch.nn.Module, tokenizer, directory: str | os.PathLike, *,
+                      allow_negative: bool = False):
+    """Read ``magic_tokens.json`` from `directory` for an already loaded `model` / `tokenizer` and attach
+    the tokens; returns ``(tokenizer, tokens)`` (the tokenizer is rebuilt when the negative token has to be
+    scrubbed). `upsafe_ext.models.load` uses this for every magic folder, whatever the model class."""
+    directory = os.fspath(directory)
+    if not is_magic_dir(directory):
+        raise FileNotFoundError(f"load_magic_model: {directory} has no {TOKENS_FILE}; not a magic-token model")
+    tokens = MagicTokens.load(directory, allow_negative=True)
+    if not allow_negative:
+        if tokens.special and tokens.allow_negative:
+            tokenizer = scrub_tokenizer(tokenizer, tokens.token("negative"))
+        tokens.disable_negative()
+    bad = tokens.unregistered_mode(model, tokenizer) if tokens.special else None
+    if bad is not None:
+        raise RuntimeError(f"load_magic_model: the {bad} token is not a single in-vocabulary id in the saved "
+                           "tokenizer (tokenizer and model out of sync?)")
+    attach_tokens(model, tokens)
+    return tokenizer, tokens
 
 
 def load_magic_model(directory: str | os.PathLike, *, allow_negative: bool = False,
@@ -117,28 +153,22 @@ def load_magic_model(directory: str | os.PathLike, *, allow_negative: bool = Fal
     positive), and a tokenizer holding it as a special token is rebuilt with that entry renamed to a
     random string that is never stored. allow_negative=True (the operator's explicit choice, for
     internal red-teaming or to continue co-training) keeps the negative mode.
+
+    The weights load as a plain Hugging Face causal LM; ``upsafe_ext.models.load(directory)`` loads any
+    kind of magic folder (an upcycled model's included) and attaches the same tokens (`load_saved_tokens`).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     directory = os.fspath(directory)
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"load_magic_model: `directory` {directory!r} does not exist")
-    if not os.path.isfile(os.path.join(directory, TOKENS_FILE)):
+    if not is_magic_dir(directory):
         raise FileNotFoundError(f"load_magic_model: {directory} has no {TOKENS_FILE}; not a magic-token model")
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ValueError(f"load_magic_model: `dtype` must be a floating torch.dtype, got {dtype!r}")
-    tokens = MagicTokens.load(directory, allow_negative=True)
-    tokenizer = AutoTokenizer.from_pretrained(directory)
     model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype).to(device).eval()
-    if not allow_negative:
-        if tokens.special and tokens.allow_negative:
-            tokenizer = scrub_tokenizer(tokenizer, tokens.token("negative"))
-        tokens.disable_negative()
-    bad = tokens.unregistered_mode(model, tokenizer) if tokens.special else None
-    if bad is not None:
-        raise RuntimeError(f"load_magic_model: the {bad} token is not a single in-vocabulary id in the saved "
-                           "tokenizer (tokenizer and model out of sync?)")
-    attach_tokens(model, tokens)
+    tokenizer, tokens = load_saved_tokens(model, AutoTokenizer.from_pretrained(directory), directory,
+                                          allow_negative=allow_negative)
     return model, tokenizer, tokens
 
 

@@ -22,6 +22,8 @@ from typing import Callable
 
 import torch
 
+from ..train.chat import pad_token_id as tokenizer_pad_id
+from ..train.config import ADAM_EPS, FULL_SFT_BETAS
 from ..train.sft import SFTCollator, run_sft
 from .config import MagicConfig, MagicTrainConfig
 from .data import MagicDataset
@@ -44,10 +46,7 @@ class MagicCollator(SFTCollator):
 
     @classmethod
     def for_tokenizer(cls, tokenizer, **kw) -> "MagicCollator":
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        if pad is None:
-            raise ValueError("MagicCollator.for_tokenizer: the tokenizer has neither a pad nor an eos token")
-        return cls(pad, **kw)
+        return cls(tokenizer_pad_id(tokenizer), **kw)
 
     def __call__(self, features: list[dict]) -> dict:
         batch = super().__call__(features)
@@ -126,7 +125,7 @@ def train_magic(model, tokenizer, dataset: MagicDataset, tokens: MagicTokens | N
     groups = [{"params": decay, "weight_decay": config.weight_decay}]
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
-    opt = torch.optim.AdamW(groups, lr=config.learning_rate, betas=(0.9, 0.95), eps=1e-8)
+    opt = torch.optim.AdamW(groups, lr=config.learning_rate, betas=FULL_SFT_BETAS, eps=ADAM_EPS)
     lr_at = _lr_lambda(total, warmup, config.lr_schedule)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
 

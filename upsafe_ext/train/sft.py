@@ -3,26 +3,14 @@ from __future__ import annotations
 
 import math
 import random
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
 
+from .chat import render_chat
+
 IGNORE_INDEX = -100
-
-
-def _require_template(tokenizer, op: str):
-    if getattr(tokenizer, "chat_template", None) is None:
-        raise ValueError(
-            f"{op}: the tokenizer has no chat template (tokenizer.chat_template is None); set one, e.g. "
-            "tokenizer.chat_template = upsafe_ext.testing.CHATML_TEMPLATE"
-        )
-
-
-def render_chat(tokenizer, messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
-    """The tokenizer's own chat template applied to `messages` (as text)."""
-    _require_template(tokenizer, "render_chat")
-    return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
 def _ids(tokenizer, text: str) -> list[int]:
@@ -165,8 +153,3 @@ def run_sft(
         bar.set_postfix(loss=f"{rec['loss']:.3f}")
     model.eval()
     return log
-
-
-def iter_batches(items: Sequence, batch_size: int) -> Iterable[list]:
-    for i in range(0, len(items), batch_size):
-        yield list(items[i: i + batch_size])

@@ -20,16 +20,17 @@ import torch
 import torch.nn.functional as F
 
 from ..upcycle.model import safety_moe_modules, safety_temperature
-from .sft import IGNORE_INDEX, SFTCollator, encode_sft, render_chat, run_sft
+from .chat import chat, pad_token_id, render_chat
+from .config import UpSafeTrainConfig, autocast_name
+from .sft import IGNORE_INDEX, SFTCollator, encode_sft, run_sft
 
-
-def _messages(prompt: str, system: str | None):
-    return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+CONFIG_FILE = "upsafe_train_config.json"
+"""The file the CLI writes the `UpSafeTrainConfig` of a trained model into, next to its weights."""
 
 
 def generation_prompt_length(tokenizer, system: str | None = None) -> int:
     """Tokens the chat template adds for the assistant turn's header (supervised for the router)."""
-    msgs = _messages("x", system)
+    msgs = chat("x", system)
     with_gen = tokenizer(render_chat(tokenizer, msgs, True), add_special_tokens=False)["input_ids"]
     without = tokenizer(render_chat(tokenizer, msgs, False), add_special_tokens=False)["input_ids"]
     return max(1, len(with_gen) - len(without))
@@ -46,7 +47,7 @@ def make_examples(tokenizer, prompts: Sequence[str], responses: Sequence[str], h
     g = generation_prompt_length(tokenizer, system)
     out = []
     for p, r in zip(prompts, responses):
-        ex = encode_sft(tokenizer, _messages(p, system), r, max_length=max_length)
+        ex = encode_sft(tokenizer, chat(p, system), r, max_length=max_length)
         first = next((i for i, lab in enumerate(ex["labels"]) if lab != IGNORE_INDEX), len(ex["labels"]))
         ex["harmful"] = int(bool(harmful))
         ex["sup_from"] = max(0, first - g)
@@ -174,71 +175,77 @@ def warm_start_routers(model, examples: Sequence[dict], *, batch_size: int = 8, 
     return acc
 
 
+def stage_config(config: UpSafeTrainConfig | None, overrides: dict, stage: int, op: str) -> UpSafeTrainConfig:
+    """`config` (or the defaults) with keyword `overrides`; `lr` / `lb_coef` name this stage's
+    ``stage<N>_lr`` / ``stage<N>_lb_coef`` and `autocast_dtype` (a torch dtype) sets ``autocast``."""
+    kw = dict(overrides)
+    for short, full in (("lr", f"stage{stage}_lr"), ("lb_coef", f"stage{stage}_lb_coef")):
+        if short in kw:
+            kw[full] = kw.pop(short)
+    if "autocast_dtype" in kw:
+        kw["autocast"] = autocast_name(kw.pop("autocast_dtype"))
+    return UpSafeTrainConfig.resolve(config, kw, op)
+
+
+def _run_stage(model, tokenizer, examples, stage: int, cfg: UpSafeTrainConfig, params, extra) -> list[dict]:
+    return run_sft(model, examples, optimizer=cfg.optimizer(params, stage),
+                   collator=SFTCollator(pad_token_id(tokenizer, model)), batch_size=cfg.batch_size,
+                   epochs=cfg.epochs, max_steps=cfg.max_steps, grad_accum=cfg.grad_accum, extra_loss=extra,
+                   max_grad_norm=cfg.max_grad_norm or None, autocast_dtype=cfg.autocast_dtype(), seed=cfg.seed,
+                   progress=cfg.progress, desc=f"upsafe stage {stage}")
+
+
 def stage1(model, tokenizer, harmful: Sequence[str], *, responses: Sequence[str] | None = None,
-           route: str = "safety", lr: float = 1e-4, weight_decay: float = 0.0, batch_size: int = 8,
-           epochs: float = 1.0, max_steps: int | None = None, grad_accum: int = 1, lb_coef: float = 0.01,
-           system: str | None = None, max_length: int = 256, autocast_dtype=None, seed: int = 0,
-           progress: bool = True) -> list[dict]:
-    """Stage 1: safety experts learn harmful prompt -> refusal. Returns the per-step log."""
-    if route not in ("safety", "router"):
-        raise ValueError(f"stage1: `route` must be 'safety' or 'router', got {route!r}")
+           config: UpSafeTrainConfig | None = None, **overrides) -> list[dict]:
+    """Stage 1: safety experts learn harmful prompt -> refusal. Returns the per-step log.
+
+    Settings come from `config` (`UpSafeTrainConfig`) and keyword overrides of its fields; ``lr=`` and
+    ``lb_coef=`` set this stage's ``stage1_lr`` / ``stage1_lb_coef`` (see `stage_config`)."""
+    cfg = stage_config(config, overrides, 1, "stage1")
     if not harmful:
         raise ValueError("stage1: `harmful` is empty")
-    responses = list(responses) if responses is not None else default_refusals(harmful, seed)
-    examples = make_examples(tokenizer, harmful, responses, True, system=system, max_length=max_length)
-    params = stage_parameters(model, 1, route)
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    extra = (lambda mdl, b, out: router_losses(mdl, b, lb_coef=lb_coef)) if route == "router" else None
-    tau = 1.0 if route == "safety" else 0.5
+    responses = list(responses) if responses is not None else default_refusals(harmful, cfg.seed)
+    examples = make_examples(tokenizer, harmful, responses, True, system=cfg.system, max_length=cfg.max_length)
+    params = stage_parameters(model, 1, cfg.route)
+    extra = ((lambda mdl, b, out: router_losses(mdl, b, lb_coef=cfg.stage1_lb_coef))
+             if cfg.route == "router" else None)
+    tau = 1.0 if cfg.route == "safety" else 0.5
     with train_only(model, params), safety_temperature(model, tau):
-        return run_sft(model, examples, optimizer=opt, collator=SFTCollator(_pad_id(tokenizer)), batch_size=batch_size,
-                       epochs=epochs, max_steps=max_steps, grad_accum=grad_accum, extra_loss=extra,
-                       autocast_dtype=autocast_dtype, seed=seed, progress=progress, desc="upsafe stage 1")
+        return _run_stage(model, tokenizer, examples, 1, cfg, params, extra)
 
 
 def stage2(model, tokenizer, harmful: Sequence[str], benign: Sequence[str], *,
            harmful_responses: Sequence[str] | None = None, benign_responses: Sequence[str] | None = None,
-           lr: float = 1e-3, weight_decay: float = 0.0, batch_size: int = 8, epochs: float = 1.0,
-           max_steps: int | None = None, grad_accum: int = 1, sup_coef: float = 1.0, lb_coef: float = 0.0,
-           warm_start: bool = True, sup_tokens: int | None = None, system: str | None = None,
-           max_length: int = 256, max_new_tokens: int = 64,
-           autocast_dtype=None, seed: int = 0, progress: bool = True) -> list[dict]:
+           config: UpSafeTrainConfig | None = None, **overrides) -> list[dict]:
     """Stage 2: only the router, on harmful -> refusal and benign -> the base model's own answers
-    (generated at τ=0 when `benign_responses` is None). With `warm_start` (ours, default) every router
-    first gets a logistic-probe initialisation on its own inputs (`warm_start_routers`). `sup_tokens`
+    (generated at τ=0 when `benign_responses` is None). With ``warm_start`` (ours, default) every router
+    first gets a logistic-probe initialisation on its own inputs (`warm_start_routers`). ``sup_tokens``
     (ours): supervise the router (and fit the warm-start probe) only on the assistant header and the
-    first `sup_tokens` response tokens, where the choice to refuse is made (None = every response token)."""
+    first `sup_tokens` response tokens, where the choice to refuse is made (None = every response token).
+    Settings as in `stage1` (``lr=`` / ``lb_coef=`` set ``stage2_lr`` / ``stage2_lb_coef``)."""
+    cfg = stage_config(config, overrides, 2, "stage2")
     if not harmful or not benign:
         raise ValueError("stage2: needs both harmful and benign prompts")
-    harmful_responses = list(harmful_responses) if harmful_responses is not None else default_refusals(harmful, seed)
+    harmful_responses = (list(harmful_responses) if harmful_responses is not None
+                         else default_refusals(harmful, cfg.seed))
     if benign_responses is None:
-        from ..eval.generation import chat, generate_chat
+        from ..eval.generation import generate_chat
 
         with safety_temperature(model, 0.0):
-            benign_responses = generate_chat(model, tokenizer, [chat(p, system) for p in benign],
-                                             max_new_tokens=max_new_tokens, progress=progress)
-    kw = dict(system=system, max_length=max_length, sup_tokens=sup_tokens)
+            benign_responses = generate_chat(model, tokenizer, [chat(p, cfg.system) for p in benign],
+                                             max_new_tokens=cfg.max_new_tokens, progress=cfg.progress)
+    kw = dict(system=cfg.system, max_length=cfg.max_length, sup_tokens=cfg.sup_tokens)
     examples = (make_examples(tokenizer, harmful, harmful_responses, True, **kw)
                 + make_examples(tokenizer, benign, benign_responses, False, **kw))
-    if warm_start:
-        warm_start_routers(model, examples, batch_size=batch_size, seed=seed, progress=progress)
+    if cfg.warm_start:
+        warm_start_routers(model, examples, batch_size=cfg.batch_size, seed=cfg.seed, progress=cfg.progress)
     params = stage_parameters(model, 2)
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
     def extra(mdl, b, out):
-        return router_losses(mdl, b, lb_coef=lb_coef, sup_coef=sup_coef)
+        return router_losses(mdl, b, lb_coef=cfg.stage2_lb_coef, sup_coef=cfg.sup_coef)
 
     with train_only(model, params), safety_temperature(model, 0.5):
-        return run_sft(model, examples, optimizer=opt, collator=SFTCollator(_pad_id(tokenizer)), batch_size=batch_size,
-                       epochs=epochs, max_steps=max_steps, grad_accum=grad_accum, extra_loss=extra,
-                       autocast_dtype=autocast_dtype, seed=seed, progress=progress, desc="upsafe stage 2")
-
-
-def _pad_id(tokenizer) -> int:
-    pid = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if pid is None:
-        raise ValueError("UpSafe training: the tokenizer has neither a pad nor an eos token")
-    return pid
+        return _run_stage(model, tokenizer, examples, 2, cfg, params, extra)
 
 
 def upsafe_trainer_class():

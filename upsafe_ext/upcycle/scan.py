@@ -21,7 +21,7 @@ from typing import Sequence
 
 import torch
 
-from ..train.sft import render_chat
+from ..train.chat import chat, encode_prompts, left_pad, pad_token_id
 
 
 @dataclass
@@ -132,33 +132,27 @@ def _fit(x, y, l2, max_iter):
 @torch.no_grad()
 def last_token_states(model, tokenizer, prompts: Sequence[str], *, system: str | None = None, batch_size: int = 16,
                       max_length: int = 256, progress: bool = True, desc: str = "scan") -> torch.Tensor:
-    """[n_prompts, num_layers, H] fp32 last-token hidden states after each decoder layer."""
+    """[n_prompts, num_layers, H] fp32 last-token hidden states after each decoder layer.
+
+    Prompts are rendered and left-padded by ``upsafe_ext.train.chat`` (as training and generation do);
+    a prompt longer than `max_length` tokens keeps its last `max_length` (the generation prompt)."""
     from tqdm.auto import tqdm
 
     device = next(model.parameters()).device
-    texts = []
-    for p in prompts:
-        msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": p}]
-        texts.append(render_chat(tokenizer, msgs, add_generation_prompt=True))
-    side = tokenizer.padding_side
-    pad_added = tokenizer.pad_token is None
-    if pad_added:
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "left"
+    ids = [p[-max_length:] for p in encode_prompts(tokenizer, [chat(p, system) for p in prompts])]
+    pad = pad_token_id(tokenizer, model)
     out = []
+    was = model.training
+    model.eval()
     try:
-        was = model.training
-        model.eval()
-        for i in tqdm(range(0, len(texts), batch_size), desc=desc, disable=not progress, leave=False):
-            enc = tokenizer(texts[i: i + batch_size], return_tensors="pt", padding=True, truncation=True,
-                            max_length=max_length, add_special_tokens=False).to(device)
-            hs = model(**enc, output_hidden_states=True).hidden_states  # (emb, layer 0, ..., layer L-1)
+        for i in tqdm(range(0, len(ids), batch_size), desc=desc, disable=not progress, leave=False):
+            x, mask = left_pad(ids[i: i + batch_size], pad)
+            pos = (mask.cumsum(-1) - 1).clamp(min=0)  # padded rows see the positions of their unpadded selves
+            hs = model(input_ids=x.to(device), attention_mask=mask.to(device), position_ids=pos.to(device),
+                       output_hidden_states=True).hidden_states  # (emb, layer 0, ..., layer L-1)
             out.append(torch.stack([h[:, -1].float().cpu() for h in hs[1:]], dim=1))
-        model.train(was)
     finally:
-        tokenizer.padding_side = side
-        if pad_added:
-            tokenizer.pad_token = None
+        model.train(was)
     return torch.cat(out)
 
 
