@@ -6,6 +6,9 @@ from .model import (get_upcycle_config, routing_summary, safety_moe_modules, saf
 
 __all__ = ["UpcycleConfig", "SafetyMoE", "upcycle_", "set_safety_temperature", "safety_temperature",
            "safety_moe_modules", "routing_summary", "set_kernel_preference", "get_upcycle_config", "upcycled_layers"]
+from .hf import UpsafeConfig, as_upsafe_model, upsafe_config  # noqa: E402  (registers model_type "upsafe_upcycled")
+
+__all__ += ["UpsafeConfig", "upsafe_config", "as_upsafe_model"]
 from .io import load_safety_adapter, load_upcycled, save_safety_adapter, save_upcycled  # noqa: E402
 
 __all__ += ["save_upcycled", "load_upcycled", "save_safety_adapter", "load_safety_adapter"]

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from .._config import SerialisableConfig
 
 CONFIG_VERSION = 1
+CONFIG_KEY = "upsafe_upcycle"  # where the config lives inside model.config (saved in config.json)
 ROUTER_GRADS = ("straight_through", "none")
 
 

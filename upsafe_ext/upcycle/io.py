@@ -1,9 +1,10 @@
 """Saving and loading upcycled models (safetensors only).
 
-* `save_upcycled(model, dir)` writes a standard HF folder (config.json records the upcycling under
-  `upsafe_upcycle`, weights as safetensors); `load_upcycled(dir)` rebuilds the model class from the
-  config, upcycles it the same way and loads the weights (AutoModelForCausalLM cannot build SafetyMoE
-  modules by itself: this function is the documented hook).
+* `save_upcycled(model, dir)` writes a standard HF folder, atomically and never over the folder the model
+  came from: config.json says `"model_type": "upsafe_upcycled"` (base type under `base_model_type`, the
+  upcycling under `upsafe_upcycle`), weights as safetensors. `AutoModelForCausalLM.from_pretrained(dir)` loads
+  it once `upsafe_ext.upcycle` is imported (see `hf.py`); `load_upcycled(dir)` is a thin alias that also
+  reads folders saved before that type existed (base model_type + `upsafe_upcycle`).
 * `save_safety_adapter(model, dir)` writes only what upcycling added (router + safety experts) as
   `adapter_model.safetensors` + `adapter_config.json`, PEFT-style; `load_safety_adapter(base, dir)`
   upcycles a base model and loads them. The base model's weights are never written.
@@ -16,8 +17,10 @@ import os
 import torch
 from safetensors.torch import load_file, save_file
 
-from .config import UpcycleConfig
-from .model import CONFIG_KEY, get_upcycle_config, safety_moe_modules, upcycle_
+from ..saving import atomic_dir
+from .config import CONFIG_KEY, UpcycleConfig
+from .hf import UpsafeConfig, upsafe_config
+from .model import get_upcycle_config, safety_moe_modules, upcycle_
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -30,57 +33,35 @@ def _require_upcycled(model, op):
     return cfg
 
 
+def _source_of(model) -> str | None:
+    return getattr(getattr(model, "config", None), "_name_or_path", None) or None
+
+
 def save_upcycled(model, save_directory: str, tokenizer=None) -> str:
-    """`model.save_pretrained(save_directory, safe_serialization=True)` (+ the tokenizer)."""
+    """`model.save_pretrained(save_directory, safe_serialization=True)` (+ the tokenizer), written into a
+    temporary sibling and renamed into place; refuses the folder the model was loaded from."""
     _require_upcycled(model, "save_upcycled")
-    os.makedirs(save_directory, exist_ok=True)
-    model.save_pretrained(save_directory, safe_serialization=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(save_directory)
+    with atomic_dir(save_directory, inputs=[_source_of(model)], arg="save_directory") as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
     return save_directory
 
 
-def _read_state_dict(directory: str) -> dict[str, torch.Tensor]:
-    index = os.path.join(directory, "model.safetensors.index.json")
-    single = os.path.join(directory, "model.safetensors")
-    if os.path.exists(single):
-        return load_file(single)
-    if os.path.exists(index):
-        with open(index) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
-        sd = {}
-        for name in files:
-            sd.update(load_file(os.path.join(directory, name)))
-        return sd
-    raise FileNotFoundError(f"load_upcycled: no model.safetensors (or index) in {directory}; only safetensors "
-                            "checkpoints are supported")
-
-
 def load_upcycled(directory: str, dtype: torch.dtype | None = None, device: str | torch.device | None = None):
-    """Load a model written by `save_upcycled` (returns the model in eval mode)."""
+    """Load a model written by `save_upcycled` (returns the model in eval mode): the same as
+    `AutoModelForCausalLM.from_pretrained(directory, dtype=dtype)`, and it also reads older folders whose
+    config.json has the base model_type and an `upsafe_upcycle` entry."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(directory)
-    d = getattr(config, CONFIG_KEY, None)
-    if not d:
+    if not getattr(config, CONFIG_KEY, None):
         raise ValueError(f"load_upcycled: {directory} is not an upcycled model (config.json has no '{CONFIG_KEY}'); "
                          "use AutoModelForCausalLM.from_pretrained for plain models")
-    cfg = UpcycleConfig.from_dict(d)
-    delattr(config, CONFIG_KEY)
+    if not isinstance(config, UpsafeConfig):
+        config = upsafe_config(config)  # an older folder: model_type is the base type
     kwargs = {"dtype": dtype} if dtype is not None else {}
-    model = AutoModelForCausalLM.from_config(config, **kwargs)
-    upcycle_(model, cfg, verify=False)
-    sd = _read_state_dict(directory)
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    tied = set(getattr(model, "_tied_weights_keys", None) or [])
-    if isinstance(getattr(model, "_tied_weights_keys", None), dict):
-        tied = set(model._tied_weights_keys)
-    missing = [k for k in missing if k not in tied and not (k == "lm_head.weight" and config.tie_word_embeddings)]
-    if missing or unexpected:
-        raise ValueError(f"load_upcycled: checkpoint does not match the model: missing {missing[:8]}, "
-                         f"unexpected {unexpected[:8]}")
-    if getattr(config, "tie_word_embeddings", False):
-        model.tie_weights()
+    model = AutoModelForCausalLM.from_pretrained(directory, config=config, **kwargs)
     if device is not None:
         model.to(device)
     return model.eval()
@@ -97,14 +78,15 @@ def adapter_state_dict(model) -> dict[str, torch.Tensor]:
 
 
 def save_safety_adapter(model, save_directory: str) -> str:
+    """Write the router + safety-expert tensors and the upcycling (atomically; never over the model's source)."""
     cfg = _require_upcycled(model, "save_safety_adapter")
-    os.makedirs(save_directory, exist_ok=True)
-    save_file(adapter_state_dict(model), os.path.join(save_directory, ADAPTER_WEIGHTS),
-              metadata={"format": "pt", "upsafe_ext": "safety_adapter"})
     meta = {"upcycle": cfg.to_dict(), "base_model_type": getattr(model.config, "model_type", None),
             "num_hidden_layers": getattr(model.config, "num_hidden_layers", None)}
-    with open(os.path.join(save_directory, ADAPTER_CONFIG), "w") as f:
-        json.dump(meta, f, indent=2)
+    with atomic_dir(save_directory, inputs=[_source_of(model)], arg="save_directory") as tmp:
+        save_file(adapter_state_dict(model), os.path.join(tmp, ADAPTER_WEIGHTS),
+                  metadata={"format": "pt", "upsafe_ext": "safety_adapter"})
+        with open(os.path.join(tmp, ADAPTER_CONFIG), "w") as f:
+            json.dump(meta, f, indent=2)
     return save_directory
 
 

@@ -6,6 +6,9 @@ own requires_grad and nothing is copied per forward).
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import logging
 import math
 
 import torch
@@ -13,7 +16,14 @@ from torch import Tensor, nn
 
 from ..ops import grouped_expert_mlp, grouped_expert_mlp_reference, sparse_route, sparse_route_reference
 from .config import UpcycleConfig, check_safety_temperature
-from .mlp import MLPWeights
+from .mlp import MLPWeights, extract_mlp, find_decoder_layers
+
+log = logging.getLogger("upsafe_ext")
+
+# τ of the current call (a float or a [batch] tensor), set by `request_safety_temperature` around one
+# forward: per thread and per asyncio task, so concurrent requests on one model never see each other's τ.
+# None = use each SafetyMoE's own `safety_temperature` (the config default or `set_safety_temperature`).
+_REQUEST_TAU: contextvars.ContextVar = contextvars.ContextVar("upsafe_safety_temperature", default=None)
 
 
 def safety_logit(tau: float) -> tuple[float, float]:
@@ -39,7 +49,8 @@ class SafetyMoE(nn.Module):
       ``general_out_bias`` for biased MLPs) — the original MLP, frozen unless ``train_general``;
       ``safety_in_proj [N, 2I|I, H]``, ``safety_out_proj [N, H, I]`` (+ biases) — the safety experts.
 
-    Runtime state: ``safety_temperature`` (float, or a ``[batch]`` tensor for per-request τ),
+    Runtime state: ``safety_temperature`` (the default τ: a float, or a ``[batch]`` tensor; a τ given to
+    the model call, see :func:`request_safety_temperature`, takes precedence),
     ``last_experts`` (the routing of the last forward, ``[..., k]``, -1 = dropped),
     ``router_logits`` (kept during training for the auxiliary losses).
     """
@@ -101,26 +112,31 @@ class SafetyMoE(nn.Module):
 
     # -- safety temperature -> routing bias -------------------------------------------------------------
     def _routing_bias(self, batch: int, seq: int, device) -> Tensor | None:
-        tau = self.safety_temperature
+        tau = _REQUEST_TAU.get()
+        if tau is None:
+            tau = self.safety_temperature
         E = self.num_experts
         if isinstance(tau, Tensor):
             if tau.numel() != batch:
-                raise ValueError(f"SafetyMoE: a per-request safety temperature has {tau.numel()} entries but the "
-                                 f"batch has {batch} sequences")
-            t = tau.to(device=device, dtype=torch.float32).reshape(batch, 1)
+                raise ValueError(f"SafetyMoE: a per-request safety temperature (`safety_temperature`) has "
+                                 f"{tau.numel()} entries but the batch has {batch} sequences")
+            # float64 like `safety_logit`, so a request's bias is bit-identical to a scalar τ call
+            t = tau.to(device=device, dtype=torch.float64).reshape(batch, 1)
             gen = torch.where(t >= 1.0, torch.full_like(t, -math.inf), torch.zeros_like(t))
-            saf = torch.where(t >= 1.0, torch.zeros_like(t), torch.log(t) - torch.log1p(-t))
-            per_seq = torch.cat([gen, saf.expand(batch, E - 1)], dim=1)  # [B, E]
+            saf = torch.where(t >= 1.0, torch.zeros_like(t), torch.log(t / (1.0 - t)))
+            per_seq = torch.cat([gen, saf.expand(batch, E - 1)], dim=1).float()  # [B, E]
             return per_seq.repeat_interleave(seq, dim=0)  # [B*S, E]
         if tau == 0.5:
             return None
         key = (float(tau), str(device), E)
-        if self._bias_cache is None or self._bias_cache[0] != key:
+        cache = self._bias_cache  # read once: another thread may replace it (never mutated in place)
+        if cache is None or cache[0] != key:
             g, s = safety_logit(float(tau))
             b = torch.full((E,), s, device=device, dtype=torch.float32)  # a fill kernel, no host copy
             b[0] = g
-            self._bias_cache = (key, b)
-        return self._bias_cache[1]
+            cache = (key, b)
+            self._bias_cache = cache
+        return cache[1]
 
     def chunks(self):
         w_in = [self.general_in_proj, self.safety_in_proj]
@@ -177,13 +193,84 @@ class SafetyMoE(nn.Module):
         return list(self.router.parameters())
 
 
-def check_tau_tensor(tau: Tensor) -> Tensor:
+@torch.compiler.disable  # a host check of the values: runs eagerly, so compiled callers validate too
+def check_tau_tensor(tau: Tensor, name: str = "safety temperature") -> Tensor:
     if tau.dim() != 1 or not tau.is_floating_point():
-        raise ValueError(f"safety temperature tensor must be a 1-D float tensor [batch], got {tuple(tau.shape)} {tau.dtype}")
-    if not torch.compiler.is_compiling() and not bool(((tau >= 0) & (tau <= 1)).all()):
-        raise ValueError("every per-request safety temperature must be in [0, 1] (NaN is not allowed)")
+        raise ValueError(f"{name}: a per-request tensor must be a 1-D float tensor [batch], got "
+                         f"{tuple(tau.shape)} {tau.dtype}")
+    if not bool(((tau >= 0) & (tau <= 1)).all()):
+        raise ValueError(f"{name}: every per-request value must be in [0, 1] (NaN is not allowed), got "
+                         f"{tau.detach().cpu().tolist()}")
     return tau.detach()
 
 
-def validate_tau(tau):
-    return check_tau_tensor(tau) if isinstance(tau, Tensor) else check_safety_temperature(tau)
+def validate_tau(tau, name: str = "safety temperature"):
+    return check_tau_tensor(tau, name) if isinstance(tau, Tensor) else check_safety_temperature(tau, name)
+
+
+def request_tau(tau, batch: int | None, device=None, name: str = "safety_temperature"):
+    """τ given to one model call, validated: a float in [0, 1], or a list / 1-D tensor with one value per
+    sequence (``batch`` entries; None skips the length check), returned as a float64 tensor on ``device``."""
+    if isinstance(tau, Tensor) and tau.dim() == 0:
+        tau = float(tau)
+    if isinstance(tau, (list, tuple)):
+        if not tau or not all(isinstance(t, (int, float)) and not isinstance(t, bool) for t in tau):
+            raise ValueError(f"`{name}` must be a float in [0, 1] or one float per sequence, got {tau!r}")
+        tau = torch.tensor([float(t) for t in tau], dtype=torch.float64)
+    if not isinstance(tau, Tensor):
+        return check_safety_temperature(tau, f"`{name}`")
+    tau = check_tau_tensor(tau, f"`{name}`")
+    if batch is not None and tau.numel() != batch:
+        raise ValueError(f"`{name}` has {tau.numel()} values but the batch has {batch} sequences (give one "
+                         "per sequence, or a single float)")
+    return tau.to(device=device, dtype=torch.float64) if device is not None else tau.double()
+
+
+@contextlib.contextmanager
+def request_safety_temperature(tau):
+    """Every SafetyMoE run inside the block (in this thread / task) uses ``tau`` (already validated, see
+    :func:`request_tau`) instead of its default. What ``model(..., safety_temperature=τ)`` uses."""
+    token = _REQUEST_TAU.set(tau)
+    try:
+        yield
+    finally:
+        _REQUEST_TAU.reset(token)
+
+
+def swap_in_safety_moe(model: nn.Module, config: UpcycleConfig, *, verify: bool = True) -> list[int]:
+    """Replace the MLPs of ``config.layers`` by SafetyMoE modules built from them (on the MLP's device:
+    on ``meta`` nothing is allocated or initialised). Returns the layer indices."""
+    _, layers = find_decoder_layers(model)
+    n = len(layers)
+    bad = [i for i in config.layers if not 0 <= i < n]
+    if bad:
+        raise ValueError(f"upcycle_: layer indices {bad} out of range for a model with {n} decoder layers")
+    already = [i for i in config.layers if isinstance(layers[i].mlp, SafetyMoE)]
+    if already:
+        raise ValueError(f"upcycle_: the model is already upcycled (layers {already}); upcycling twice is "
+                         "not supported")
+    for i in config.layers:
+        old = layers[i].mlp
+        new = SafetyMoE(extract_mlp(old, model.config), config)
+        new.train(old.training)
+        if verify:
+            _verify_equivalent(old, new, i)
+        layers[i].mlp = new
+        log.info("upcycled layer %d: %s", i, new.extra_repr())
+    return list(config.layers)
+
+
+@torch.no_grad()
+def _verify_equivalent(old: nn.Module, new: SafetyMoE, index: int):
+    p = new.general_in_proj
+    x = torch.randn(2, 3, new.hidden_size, device=p.device, dtype=p.dtype)
+    was = old.training
+    old.eval()
+    want = old(x)
+    old.train(was)
+    got = new.base_forward(x)
+    tol = 1e-4 if p.dtype == torch.float32 else 3e-2
+    err = ((got.float() - want.float()).norm() / want.float().norm().clamp_min(1e-12)).item()
+    if not err < tol:
+        raise ValueError(f"upcycle_: layer {index}: our reading of {type(old).__name__} does not reproduce it "
+                         f"(relative error {err:.2e}); this MLP variant is not supported")

@@ -3,18 +3,13 @@ safety-temperature controls."""
 from __future__ import annotations
 
 import contextlib
-import logging
 
-import torch
 from torch import nn
 
-from .config import UpcycleConfig
-from .layer import SafetyMoE, validate_tau
-from .mlp import extract_mlp, find_decoder_layers
-
-log = logging.getLogger("upsafe_ext")
-
-CONFIG_KEY = "upsafe_upcycle"  # where the config lives inside model.config (saved in config.json)
+from .config import CONFIG_KEY, UpcycleConfig
+from .hf import as_upsafe_model
+from .layer import SafetyMoE, swap_in_safety_moe, validate_tau
+from .mlp import find_decoder_layers
 
 
 def safety_moe_modules(model: nn.Module) -> list[tuple[str, SafetyMoE]]:
@@ -32,7 +27,10 @@ def upcycle_(model: nn.Module, config: UpcycleConfig, *, verify: bool = True) ->
     The original MLP becomes expert 0 (frozen), ``config.num_safety_experts`` safety experts start as
     its copies, and the router starts with all mass on expert 0, so the model computes exactly what it
     did before (checked numerically on random inputs when ``verify``). Records the config in
-    ``model.config`` so ``save_pretrained``/``load_upcycled`` round-trip it.
+    ``model.config`` so ``save_pretrained``/``load_upcycled`` round-trip it. A Hugging Face causal LM
+    becomes an ``UpsafeForCausalLM`` (a subclass of its own class, see ``upsafe_ext.upcycle.hf``): its
+    ``forward`` and ``generate`` take ``safety_temperature=`` per call, and ``save_pretrained`` writes a
+    folder that ``AutoModelForCausalLM.from_pretrained`` loads as the upcycled model.
 
     Raises ValueError for: no layers given, an index out of range, a layer already upcycled, an MLP
     structure we don't support (the message lists the supported ones).
@@ -42,47 +40,21 @@ def upcycle_(model: nn.Module, config: UpcycleConfig, *, verify: bool = True) ->
     if config.layers is None:
         raise ValueError("upcycle_: UpcycleConfig.layers is None; pass layer indices, e.g. from "
                          "scan_safety_layers(model, tokenizer, harmful, benign).top(k)")
-    _, layers = find_decoder_layers(model)
-    n = len(layers)
-    bad = [i for i in config.layers if not 0 <= i < n]
-    if bad:
-        raise ValueError(f"upcycle_: layer indices {bad} out of range for a model with {n} decoder layers")
-    already = [i for i in config.layers if isinstance(layers[i].mlp, SafetyMoE)]
-    if already or getattr(model.config, CONFIG_KEY, None):
-        raise ValueError(f"upcycle_: the model is already upcycled (layers {already or upcycled_layers(model)}); "
+    if getattr(model.config, CONFIG_KEY, None):
+        raise ValueError(f"upcycle_: the model is already upcycled (layers {upcycled_layers(model)}); "
                          "upcycling twice is not supported")
-    for i in config.layers:
-        old = layers[i].mlp
-        base = extract_mlp(old, model.config)
-        new = SafetyMoE(base, config)
-        new.train(old.training)
-        if verify:
-            _verify_equivalent(old, new, i)
-        layers[i].mlp = new
-        log.info("upcycled layer %d: %s", i, new.extra_repr())
+    swap_in_safety_moe(model, config, verify=verify)
     model.config.__dict__[CONFIG_KEY] = config.to_dict()  # a plain dict: JSON-serialisable in config.json
-    return model
-
-
-@torch.no_grad()
-def _verify_equivalent(old: nn.Module, new: SafetyMoE, index: int):
-    p = new.general_in_proj
-    x = torch.randn(2, 3, new.hidden_size, device=p.device, dtype=p.dtype)
-    was = old.training
-    old.eval()
-    want = old(x)
-    old.train(was)
-    got = new.base_forward(x)
-    tol = 1e-4 if p.dtype == torch.float32 else 3e-2
-    err = ((got.float() - want.float()).norm() / want.float().norm().clamp_min(1e-12)).item()
-    if not err < tol:
-        raise ValueError(f"upcycle_: layer {index}: our reading of {type(old).__name__} does not reproduce it "
-                         f"(relative error {err:.2e}); this MLP variant is not supported")
+    return as_upsafe_model(model)
 
 
 def set_safety_temperature(model: nn.Module, tau) -> None:
-    """Set τ on every SafetyMoE: a float in [0, 1] (0 = base model, 0.5 = trained router, 1 = safety
-    experts only) or a ``[batch]`` tensor of per-request temperatures for the next forward calls."""
+    """Set the default τ of every SafetyMoE: a float in [0, 1] (0 = base model, 0.5 = trained router,
+    1 = safety experts only) or a ``[batch]`` tensor of per-request temperatures for the next forward calls.
+
+    This is model state, shared by every caller: to serve requests (threads, beam search, several return
+    sequences) pass τ to the call instead, ``model(..., safety_temperature=τ)`` or
+    ``model.generate(..., safety_temperature=τ)``, which takes precedence over this default."""
     tau = validate_tau(tau)
     mods = safety_moe_modules(model)
     if not mods:
