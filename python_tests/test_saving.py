@@ -43,3 +43,18 @@ def test_refuses_to_write_over_an_input(tmp_path, where):
     with pytest.raises(ValueError, match="`out_dir`.*would overwrite the input"):
         check_not_input(out, [src], arg="out_dir")
     check_not_input(tmp_path / "other", [src, "HuggingFaceTB/not-a-folder"])  # unrelated and hub ids: fine
+
+
+def test_atomic_file_replaces_only_on_success_and_sets_mode(tmp_path):
+    from upsafe_ext.saving import atomic_file
+
+    path = tmp_path / "f.json"
+    path.write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_file(path) as tmp:
+            open(tmp, "w").write("half")
+            raise RuntimeError("boom")
+    assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["f.json"]
+    with atomic_file(path, mode=0o600) as tmp:
+        open(tmp, "w").write("new")
+    assert path.read_text() == "new" and (path.stat().st_mode & 0o777) == 0o600

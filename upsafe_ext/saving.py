@@ -64,3 +64,22 @@ def atomic_dir(out, inputs: Iterable = (), arg: str = "out") -> Iterator[str]:
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_file(path, mode: int | None = None) -> Iterator[str]:
+    """Yield a temporary file path beside `path` (permissions `mode` when given, e.g. 0o600); on a clean
+    exit it is renamed over `path`, on an exception removed (`path` untouched)."""
+    path = os.fspath(path)
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
+    try:
+        if mode is not None:
+            os.fchmod(fd, mode)
+        os.close(fd)
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)

@@ -29,7 +29,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from ..ops.esi import _IDX_MASK, NUM_BINS, esi_histogram, threshold_bin
+from ..ops.esi import IDX_MASK, NUM_BINS, esi_histogram, threshold_bin
 
 __all__ = ["world", "unwrap_model", "local_tensor", "shard_row_range", "ShardLayout", "distributed_select",
            "all_gather_varlen", "all_reduce_", "comm_device", "assign_owners"]
@@ -241,13 +241,13 @@ def distributed_select(scores: Sequence[Tensor], layout: ShardLayout, k: int, la
         if int(count.item()) != local_count:
             raise RuntimeError(f"select: histogram says {local_count} local candidates, select found {int(count.item())}")
         cand = cand[:local_count].cpu()
-        gidx = _local_to_global(cand & _IDX_MASK, starts, gstarts)
-        keys = (cand & ~_IDX_MASK) | gidx
+        gidx = _local_to_global(cand & IDX_MASK, starts, gstarts)
+        keys = (cand & ~IDX_MASK) | gidx
         keys = torch.sort(keys).values[:need]  # a rank never contributes more than `need` winners
     else:
         masks, keys = [], torch.zeros(0, dtype=torch.int64)
     allk = torch.cat(all_gather_varlen(keys.cpu(), group))
-    chosen = torch.sort(allk).values[:need] & _IDX_MASK
+    chosen = torch.sort(allk).values[:need] & IDX_MASK
     if scores:
         numels = torch.tensor([s.numel() for s in scores], dtype=torch.int64)
         mine = _global_to_local(chosen, starts, gstarts, numels)

@@ -12,13 +12,13 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 from typing import Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor
 
 from ..ops.esi import select_topk
+from ..saving import atomic_file
 from .dist import unwrap_model, world
 
 __all__ = ["SafetyMask", "pack_bits", "unpack_bits", "selection_size", "selection_noise", "save_safetensors"]
@@ -70,16 +70,8 @@ def save_safetensors(tensors: dict, path: str, metadata: dict) -> str:
     from safetensors.torch import save_file
 
     path = os.fspath(path)
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
-    os.close(fd)
-    try:
+    with atomic_file(path) as tmp:
         save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
 
 

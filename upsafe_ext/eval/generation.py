@@ -20,8 +20,6 @@ from ..train.chat import chat, check_conversations, encode_prompts, eos_token_id
 
 __all__ = ["chat", "check_conversations", "generate_chat", "encode_prompts", "eos_token_ids"]
 
-# Deprecated private alias, kept while eval/metrics.py still imports it; use train.chat.check_conversations.
-_check_conversations = check_conversations
 
 
 @torch.no_grad()

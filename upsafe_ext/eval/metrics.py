@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from ..train.sft import IGNORE_INDEX, encode_sft
-from .generation import _check_conversations, chat, eos_token_ids, generate_chat
+from ..train.chat import check_conversations
+from .generation import chat, eos_token_ids, generate_chat
 from .judge import RefusalJudge
 
 __all__ = ["wilson_interval", "safety_rate", "over_refusal_rate", "refusal_flags", "mean_kl", "token_kl", "evaluate_safety"]
@@ -122,7 +123,7 @@ def mean_kl(model, reference, tokenizer, conversations: Sequence[Sequence[dict]]
     """
     from tqdm.auto import tqdm
 
-    convs = _check_conversations(conversations, "mean_kl")
+    convs = check_conversations(conversations, "mean_kl")
     if isinstance(responses, str) or len(responses) != len(convs):
         n = "a str" if isinstance(responses, str) else len(responses)
         raise ValueError(f"mean_kl: `responses` must be a list with one reply per conversation "

@@ -23,6 +23,7 @@ from typing import Callable, Sequence
 import torch
 
 from ..train.chat import chat, encode_prompts
+from ..saving import atomic_file
 from ..train.sft import IGNORE_INDEX, encode_sft
 from .config import MODES, MagicConfig
 from .tokens import MagicTokens, supports_system_role
@@ -214,11 +215,12 @@ def save_records(records: Sequence[MagicRecord], path: str | os.PathLike) -> str
     path = os.fspath(path)
     if not path.endswith(".jsonl"):
         raise ValueError(f"save_records: `path` must end in .jsonl, got {path!r}")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
+    records = list(records)
+    for r in records:
+        if not isinstance(r, MagicRecord):
+            raise ValueError(f"save_records: expected MagicRecord items, got {type(r).__name__}")
+    with atomic_file(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for r in records:
-            if not isinstance(r, MagicRecord):
-                raise ValueError(f"save_records: expected MagicRecord items, got {type(r).__name__}")
             f.write(json.dumps(r.to_dict(), ensure_ascii=False) + "\n")
     return path
 

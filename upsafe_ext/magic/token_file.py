@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 
+from ..saving import atomic_file
 from .config import MODES
 from .hashing import check_hash_record
 
@@ -23,15 +23,8 @@ def write_token_file(directory: str | os.PathLike, payload: dict) -> str:
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, TOKENS_FILE)
     text = json.dumps(payload, indent=2, ensure_ascii=False)
-    fd, tmp = tempfile.mkstemp(prefix=".magic_tokens.", dir=directory)
-    try:
-        os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_file(path, mode=0o600) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
     return path
 
 

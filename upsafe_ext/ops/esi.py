@@ -16,7 +16,7 @@ from torch import Tensor
 from .. import _ext
 
 NUM_BINS = 8192
-_IDX_MASK = (1 << 40) - 1
+IDX_MASK = (1 << 40) - 1
 
 
 def esi_accumulate_(accum: Sequence[Tensor], grads: Sequence[Tensor], sigma: Sequence[float] | None = None,
@@ -69,7 +69,7 @@ def select_topk(scores: Sequence[Tensor], k: int, largest: bool = True, hist: Te
     n = int(count.item())
     if n != h[threshold]:
         raise RuntimeError(f"select_topk: histogram says {h[threshold]} candidates, select found {n} (scores changed?)")
-    chosen = torch.sort(cand[:n]).values[:need] & _IDX_MASK
+    chosen = torch.sort(cand[:n]).values[:need] & IDX_MASK
     torch.ops.upsafe.esi_mark_.default(masks, chosen)
     return masks
 

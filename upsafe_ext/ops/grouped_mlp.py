@@ -105,7 +105,8 @@ def grouped_expert_mlp(
     return out
 
 
-def _act(name: str, v: Tensor) -> Tensor:
+def activation_fn(name: str, v: Tensor) -> Tensor:
+    """The expert MLP's activation by name ("silu", "gelu_tanh", "gelu"), as the kernels apply it."""
     if name == "silu":
         return torch.nn.functional.silu(v)
     return torch.nn.functional.gelu(v, approximate="tanh" if name == "gelu_tanh" else "none")
@@ -130,7 +131,7 @@ def grouped_expert_mlp_reference(x, routing, w_gate_up, w_down, activation="silu
         h = xf[tok] @ w_in[e].t()
         if bi is not None:
             h = h + bi[e]
-        a = _act(activation, h[:, :I]) * h[:, I:] if gated else _act(activation, h)
+        a = activation_fn(activation, h[:, :I]) * h[:, I:] if gated else activation_fn(activation, h)
         y = a @ w_out[e].t()
         if bo is not None:
             y = y + bo[e]

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from ..ops import grouped_expert_mlp, grouped_expert_mlp_reference, sparse_route, sparse_route_reference
+from ..ops.grouped_mlp import activation_fn
 from .config import UpcycleConfig, check_safety_temperature
 from .mlp import MLPWeights, extract_mlp, find_decoder_layers
 
@@ -178,9 +179,7 @@ class SafetyMoE(nn.Module):
         if self.has_bias:
             h = h + self.general_in_bias[0]
         I = self.intermediate_size
-        from ..ops.grouped_mlp import _act
-
-        a = _act(self.activation, h[:, :I]) * h[:, I:] if self.gated else _act(self.activation, h)
+        a = activation_fn(self.activation, h[:, :I]) * h[:, I:] if self.gated else activation_fn(self.activation, h)
         y = a @ self.general_out_proj[0].t()
         if self.has_bias:
             y = y + self.general_out_bias[0]
