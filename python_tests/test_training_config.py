@@ -2,6 +2,8 @@
 style kept), the shared optimiser defaults, and SparseAdamW leaving the caller's frozen weights alone."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from magic_fixtures import one_torch_thread  # noqa: F401  (autouse: one intra-op thread on a shared machine)
@@ -65,3 +67,12 @@ def test_spa_never_unfreezes_what_the_caller_froze():
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
     run_set(model, tok, mask, ["how to x"] * 2, max_steps=1, batch_size=2, progress=False)
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags  # restored after training
+
+
+def test_demo_config_round_trips_and_names_bad_fields():
+    from upsafe_ext.upcycle import DemoConfig
+
+    cfg = DemoConfig.quick(split="val", device="cpu", dtype="bf16")
+    assert DemoConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    with pytest.raises(ValueError, match="DemoConfig.split"):
+        DemoConfig(split="train")

@@ -5,7 +5,7 @@ import json
 import os
 import warnings
 
-from ..models import add_model_args, check_out_arg, load, load_from_args
+from ..models import add_device_args, add_model_args, check_out_arg, load, load_from_args
 from ..saving import atomic_dir
 
 
@@ -123,7 +123,8 @@ def _cmd_sweep(a) -> int:
 def _cmd_demo(a) -> int:
     from .pipeline import DemoConfig, run_demo
 
-    cfg = DemoConfig.quick(out_dir=a.out, split=a.split) if a.quick else DemoConfig(out_dir=a.out, split=a.split)
+    kw = dict(out_dir=a.out, split=a.split, device=a.device, dtype=a.dtype)
+    cfg = DemoConfig.quick(**kw) if a.quick else DemoConfig(**kw)
     run_demo(cfg)
     return 0
 
@@ -184,5 +185,6 @@ def register(sub) -> set[str]:
     p.add_argument("--out", default="upsafe_out/demo")
     p.add_argument("--quick", action="store_true", help="fewer prompts and steps")
     p.add_argument("--split", choices=["val", "test"], default="test", help="evaluate on val while tuning")
+    add_device_args(p)
     p.set_defaults(fn=_cmd_demo)
     return {"scan", "upcycle", "train", "eval", "sweep-temperature", "demo"}

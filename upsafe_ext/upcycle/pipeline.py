@@ -12,17 +12,19 @@ import contextlib
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
 
+from .._config import SerialisableConfig
+from ..saving import atomic_file
 from .config import UpcycleConfig
 from .model import safety_moe_modules, safety_temperature, upcycle_
 
 
 @dataclass
-class DemoConfig:
+class DemoConfig(SerialisableConfig):
     """Sizes and hyper-parameters of `upsafe demo` (see the README for the measured wall time).
 
     Training uses ``eval.protocol.training_mix`` (train splits of the training sources, style-balanced,
@@ -58,6 +60,8 @@ class DemoConfig:
     taus: tuple = (0.0, 0.25, 0.5, 0.75, 1.0)
     seed: int = 0
     save_model: bool = True
+    device: str = field(default="cpu", metadata={"help": "cpu, cuda, cuda:N or auto (upsafe_ext.models.load)"})
+    dtype: str = field(default="float32", metadata={"help": "parameter dtype name (upsafe_ext.models.DTYPES)"})
 
     @classmethod
     def quick(cls, **overrides) -> "DemoConfig":
@@ -67,6 +71,7 @@ class DemoConfig:
         return cls(**(base | overrides))
 
     def __post_init__(self):
+        self.taus = tuple(self.taus)  # JSON gives a list back
         if not 0 < self.layer_fraction <= 1:
             raise ValueError(f"DemoConfig.layer_fraction must be in (0, 1], got {self.layer_fraction}")
         for name in ("scan_prompts", "stage1_prompts", "stage2_harmful", "stage2_benign", "max_new_tokens",
@@ -160,8 +165,7 @@ def sweep_temperature(model, tokenizer, taus: Sequence[float], sets, kl_prompts:
     rows = [evaluate_at(model, tokenizer, sets, tau=t, kl_prompts=kl_prompts, base_answers=base_answers,
                         max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress) for t in taus]
     if out_dir:
-        os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, "sweep.json"), "w") as f:
+        with atomic_file(os.path.join(out_dir, "sweep.json")) as tmp, open(tmp, "w") as f:
             json.dump(rows, f, indent=2)
         plot_pareto(rows, os.path.join(out_dir, "pareto.png"))
     return rows
@@ -180,24 +184,26 @@ def run_demo(cfg: DemoConfig | None = None, progress: bool = True, model=None, t
     from ..eval.generation import chat, generate_chat
     from ..eval.judge import judge_accuracy
     from ..eval.protocol import evaluate_sets, protocol_sets, training_mix
-    from ..eval.real_model import load_smollm2
+    from ..models import load
     from ..train.upsafe import stage1, stage2
     from .io import save_upcycled
     from .scan import scan_safety_layers
 
     cfg = cfg or DemoConfig()
     os.makedirs(cfg.out_dir, exist_ok=True)
+    with atomic_file(os.path.join(cfg.out_dir, "demo_config.json")) as tmp, open(tmp, "w") as f:
+        json.dump(cfg.to_dict(), f, indent=2)
     torch.manual_seed(cfg.seed)
     t_start = time.time()
     say = (lambda *a: print(*a, flush=True)) if progress else (lambda *a: None)
     if model is None:
-        model, tokenizer = load_smollm2()
+        model, tokenizer = load("smollm2", device=cfg.device, dtype=cfg.dtype)
     model.eval()
     gen = dict(max_new_tokens=cfg.max_new_tokens, batch_size=cfg.gen_batch_size, progress=progress)
     main_sets = protocol_sets(cfg.split, n=cfg.eval_harmful, n_benign=cfg.eval_benign)
     sweep_sets = protocol_sets(cfg.split, n=cfg.sweep_prompts, names=SWEEP_SETS)
     name = getattr(model.config, "_name_or_path", "") or type(model).__name__
-    report = {"model": os.path.basename(str(name).rstrip("/")) or type(model).__name__, "config": asdict(cfg),
+    report = {"model": os.path.basename(str(name).rstrip("/")) or type(model).__name__, "config": cfg.to_dict(),
               "judge": judge_accuracy()}
     say(f"[demo] judge accuracy on PyRIT's human labels: {report['judge']['accuracy']:.3f}")
 
@@ -237,7 +243,7 @@ def run_demo(cfg: DemoConfig | None = None, progress: bool = True, model=None, t
         main_rows = evaluate_sets(model, tokenizer, main_sets, **gen)
     report["after"] = _rates(main_rows)
     report["examples"] = {r["name"]: r["replies"][:3] for r in main_rows}
-    with open(os.path.join(cfg.out_dir, "replies.jsonl"), "w") as f:  # every judged reply, for a second look
+    with atomic_file(os.path.join(cfg.out_dir, "replies.jsonl")) as tmp, open(tmp, "w") as f:  # for a second look
         for r in main_rows:
             for prompt, reply in r["replies"]:
                 f.write(json.dumps({"set": r["name"], "tau": cfg.default_tau, "prompt": prompt, "reply": reply}) + "\n")
@@ -247,7 +253,7 @@ def run_demo(cfg: DemoConfig | None = None, progress: bool = True, model=None, t
     if cfg.save_model:
         report["model_dir"] = save_upcycled(model, os.path.join(cfg.out_dir, "model"), tokenizer=tokenizer)
     report["seconds"] = round(time.time() - t_start, 1)
-    with open(os.path.join(cfg.out_dir, "report.json"), "w") as f:
+    with atomic_file(os.path.join(cfg.out_dir, "report.json")) as tmp, open(tmp, "w") as f:
         json.dump({k: v for k, v in report.items() if k != "training"}, f, indent=2, default=str)
     say("")
     say(format_report(report))
