@@ -4,7 +4,7 @@
     python benchmarks/bench_magic.py --real          # SmolLM2-135M-Instruct, a short CPU co-training run
                                                      # (~11 min on a loaded 2-core machine, 1 thread)
 
-Synthetic: the task of python_tests/test_magic.py (4 templates x 12 topics, three deterministic
+Synthetic: the task of python_tests/magic_fixtures.py (4 templates x 12 topics, three deterministic
 response styles, 12 held-out prompts), co-trained once with the tokens as plain text and once as
 added special tokens. Reports the margin on the held-out prompts before and after, exact-match
 accuracy of each mode on the training prompts, and the fallback (no token / a wrong token ->
@@ -49,7 +49,7 @@ def _acc(got, want) -> float:
 
 
 def run_synthetic(out_dir: str, steps: int) -> list[dict]:
-    from test_magic import STYLE, synthetic_records  # the task the tests check (one definition)
+    from magic_fixtures import STYLE, synthetic_records  # the task the tests check (one definition)
 
     from upsafe_ext.eval.generation import generate_chat
     from upsafe_ext.testing import tiny_causal_lm, tiny_tokenizer

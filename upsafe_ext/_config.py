@@ -48,18 +48,27 @@ class SerialisableConfig:
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
-def check_int(name: str, value, lo: int | None = None, *, optional: bool = False) -> None:
-    """ValueError naming `name` unless `value` is an int (not a bool) >= `lo` (or None when `optional`)."""
+def check_int(name: str, value, lo: int | None = None, hi: int | None = None, *, optional: bool = False) -> None:
+    """ValueError naming `name` unless `value` is an int (not a bool) in [`lo`, `hi`] (either bound may be
+    None: unbounded), or None when `optional`."""
     if optional and value is None:
         return
-    if isinstance(value, bool) or not isinstance(value, int) or (lo is not None and value < lo):
-        raise ValueError(f"{name} must be an int{f' >= {lo}' if lo is not None else ''}"
-                         f"{' or None' if optional else ''}, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or (lo is not None and value < lo) or \
+            (hi is not None and value > hi):
+        bound = ""
+        if lo is not None and hi is not None:
+            bound = f" in [{lo}, {hi}]"
+        elif lo is not None or hi is not None:
+            bound = f" >= {lo}" if lo is not None else f" <= {hi}"
+        raise ValueError(f"{name} must be an int{bound}{' or None' if optional else ''}, got {value!r}")
 
 
 def check_float(name: str, value, lo: float | None = None, hi: float | None = None, lo_open: bool = False,
-                hi_open: bool = False) -> None:
-    """ValueError naming `name` unless `value` is a finite real number in the given range."""
+                hi_open: bool = False, *, optional: bool = False) -> None:
+    """ValueError naming `name` unless `value` is a finite real number in the given range (or None when
+    `optional`)."""
+    if optional and value is None:
+        return
     ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
     if ok and lo is not None:
         ok = value > lo if lo_open else value >= lo
@@ -67,7 +76,7 @@ def check_float(name: str, value, lo: float | None = None, hi: float | None = No
         ok = value < hi if hi_open else value <= hi
     if not ok:
         rng = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
-        raise ValueError(f"{name} must be a finite float in {rng}, got {value!r}")
+        raise ValueError(f"{name} must be a finite float in {rng}{' or None' if optional else ''}, got {value!r}")
 
 
 def check_choice(name: str, value, choices) -> None:

@@ -13,7 +13,7 @@ import string
 import warnings
 from dataclasses import dataclass, field
 
-from .._config import SerialisableConfig
+from .._config import SerialisableConfig, check_bool, check_choice, check_float, check_int
 from ..train.config import AUTOCAST, BATCH_SIZE, FULL_SFT_LR, MAX_GRAD_NORM, WEIGHT_DECAY
 
 CONFIG_VERSION = 1
@@ -30,11 +30,6 @@ NO_SYSTEM_ROLE = ("user_prefix", "error")
 TOKEN_ALPHABET = string.ascii_letters + string.digits
 """The characters of a token's random part (62: log2(62) = 5.95 bits each)."""
 
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-def _is_real(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(float(x))
 
 @dataclass
 class MagicConfig(SerialisableConfig):
@@ -120,29 +115,20 @@ class MagicConfig(SerialisableConfig):
         return super().from_dict(d)
 
     def __post_init__(self):
-        if self.insecure_seed is not None and not _is_int(self.insecure_seed):
-            raise ValueError(f"MagicConfig.insecure_seed must be an int or None, got {self.insecure_seed!r}")
-        if not _is_int(self.token_length) or not 8 <= self.token_length <= 64:
-            raise ValueError(f"MagicConfig.token_length must be an int in [8, 64], got {self.token_length!r}")
+        check_int("MagicConfig.insecure_seed", self.insecure_seed, optional=True)
+        check_int("MagicConfig.token_length", self.token_length, 8, 64)
         check_token_format(self.token_format, "MagicConfig.token_format")
-        if not isinstance(self.special_tokens, bool):
-            raise ValueError(f"MagicConfig.special_tokens must be a bool, got {self.special_tokens!r}")
-        if self.placement not in PLACEMENTS:
-            raise ValueError(f"MagicConfig.placement must be one of {PLACEMENTS}, got {self.placement!r}")
+        check_bool("MagicConfig.special_tokens", self.special_tokens)
+        check_choice("MagicConfig.placement", self.placement, PLACEMENTS)
         if not isinstance(self.separator, str):
             raise ValueError(f"MagicConfig.separator must be a str, got {self.separator!r}")
         if self.default_system is not None and not isinstance(self.default_system, str):
             raise ValueError(f"MagicConfig.default_system must be a str or None, got {self.default_system!r}")
-        if self.no_system_role not in NO_SYSTEM_ROLE:
-            raise ValueError(f"MagicConfig.no_system_role must be one of {NO_SYSTEM_ROLE}, got {self.no_system_role!r}")
+        check_choice("MagicConfig.no_system_role", self.no_system_role, NO_SYSTEM_ROLE)
         for name in ("no_token_fraction", "wrong_token_fraction"):
-            v = getattr(self, name)
-            if not _is_real(v) or not 0.0 <= float(v) <= 1.0:
-                raise ValueError(f"MagicConfig.{name} must be a float in [0, 1], got {v!r}")
-        if not _is_int(self.max_length) or self.max_length < 8:
-            raise ValueError(f"MagicConfig.max_length must be an int >= 8, got {self.max_length!r}")
-        if not _is_int(self.data_seed):
-            raise ValueError(f"MagicConfig.data_seed must be an int, got {self.data_seed!r}")
+            check_float(f"MagicConfig.{name}", getattr(self, name), 0.0, 1.0)
+        check_int("MagicConfig.max_length", self.max_length, 8)
+        check_int("MagicConfig.data_seed", self.data_seed)
 
 _UNSET = object()
 _dataclass_init = MagicConfig.__init__
@@ -223,37 +209,24 @@ class MagicTrainConfig(SerialisableConfig):
     version: int = field(default=CONFIG_VERSION, metadata={"help": "config format version"})
 
     def __post_init__(self):
-        if not _is_real(self.learning_rate) or self.learning_rate <= 0:
-            raise ValueError(f"MagicTrainConfig.learning_rate must be a finite float > 0, got {self.learning_rate!r}")
-        if not _is_real(self.weight_decay) or self.weight_decay < 0:
-            raise ValueError(f"MagicTrainConfig.weight_decay must be a finite float >= 0, got {self.weight_decay!r}")
-        if not _is_real(self.warmup_ratio) or not 0 <= self.warmup_ratio < 1:
-            raise ValueError(f"MagicTrainConfig.warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
-        if self.lr_schedule not in ("linear", "constant"):
-            raise ValueError(f"MagicTrainConfig.lr_schedule must be 'linear' or 'constant', got {self.lr_schedule!r}")
-        if not _is_real(self.epochs) or self.epochs <= 0:
-            raise ValueError(f"MagicTrainConfig.epochs must be a float > 0, got {self.epochs!r}")
-        if self.max_steps is not None and (not _is_int(self.max_steps) or self.max_steps < 1):
-            raise ValueError(f"MagicTrainConfig.max_steps must be a positive int or None, got {self.max_steps!r}")
+        check_float("MagicTrainConfig.learning_rate", self.learning_rate, 0.0, lo_open=True)
+        check_float("MagicTrainConfig.weight_decay", self.weight_decay, 0.0)
+        check_float("MagicTrainConfig.warmup_ratio", self.warmup_ratio, 0.0, 1.0, hi_open=True)
+        check_choice("MagicTrainConfig.lr_schedule", self.lr_schedule, ("linear", "constant"))
+        check_float("MagicTrainConfig.epochs", self.epochs, 0.0, lo_open=True)
+        check_int("MagicTrainConfig.max_steps", self.max_steps, 1, optional=True)
         for name in ("batch_size", "grad_accum"):
-            v = getattr(self, name)
-            if not _is_int(v) or v < 1:
-                raise ValueError(f"MagicTrainConfig.{name} must be a positive int, got {v!r}")
-        if self.max_grad_norm is not None and (not _is_real(self.max_grad_norm) or self.max_grad_norm <= 0):
-            raise ValueError(f"MagicTrainConfig.max_grad_norm must be a float > 0 or None, got {self.max_grad_norm!r}")
-        if self.autocast not in DTYPES:
-            raise ValueError(f"MagicTrainConfig.autocast must be one of {DTYPES}, got {self.autocast!r}")
-        if not _is_int(self.seed):
-            raise ValueError(f"MagicTrainConfig.seed must be an int, got {self.seed!r}")
-        if self.save_steps is not None and (not _is_int(self.save_steps) or self.save_steps < 1):
-            raise ValueError(f"MagicTrainConfig.save_steps must be a positive int or None, got {self.save_steps!r}")
+            check_int(f"MagicTrainConfig.{name}", getattr(self, name), 1)
+        check_float("MagicTrainConfig.max_grad_norm", self.max_grad_norm, 0.0, lo_open=True, optional=True)
+        check_choice("MagicTrainConfig.autocast", self.autocast, DTYPES)
+        check_int("MagicTrainConfig.seed", self.seed)
+        check_int("MagicTrainConfig.save_steps", self.save_steps, 1, optional=True)
         if self.output_dir is not None and not isinstance(self.output_dir, str):
             raise ValueError(f"MagicTrainConfig.output_dir must be a str or None, got {self.output_dir!r}")
         if self.save_steps is not None and self.output_dir is None:
             raise ValueError("MagicTrainConfig.save_steps is set but MagicTrainConfig.output_dir is None; "
                              "give an output_dir for the checkpoints")
-        if not isinstance(self.train_embeddings_only, bool):
-            raise ValueError(f"MagicTrainConfig.train_embeddings_only must be a bool, got {self.train_embeddings_only!r}")
+        check_bool("MagicTrainConfig.train_embeddings_only", self.train_embeddings_only)
         if self.trainable_pattern is not None:
             if not isinstance(self.trainable_pattern, str) or not self.trainable_pattern:
                 raise ValueError(f"MagicTrainConfig.trainable_pattern must be a non-empty regex str or None, got "
