@@ -75,7 +75,23 @@ def save_safetensors(tensors: dict, path: str, metadata: dict) -> str:
     return path
 
 
-class SafetyMask:
+class ShapeIndex:
+    """`names` and `shapes` of a per-tensor container keeping ``self._shapes`` (name -> full shape, in
+    global order); shared by `SafetyMask` and `ESIScores`."""
+
+    _shapes: dict
+
+    @property
+    def names(self) -> list[str]:
+        """Every tensor covered (all ranks), in global order."""
+        return list(self._shapes)
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return dict(self._shapes)
+
+
+class SafetyMask(ShapeIndex):
     """A selection of individual weights per parameter tensor (e.g. the top-1% ESI weights).
 
     Build one with ``ESIScores.select(...)``, ``SafetyMask.from_dense({...})``, ``SafetyMask.random_like``
@@ -185,14 +201,6 @@ class SafetyMask:
                               meta={"selection": "random", "seed": int(seed), "k": int(k), "total": int(total)})
 
     # -- queries -----------------------------------------------------------------------------------
-    @property
-    def names(self) -> list[str]:
-        return list(self._shapes)
-
-    @property
-    def shapes(self) -> dict[str, tuple[int, ...]]:
-        return dict(self._shapes)
-
     def __contains__(self, name) -> bool:
         return name in self._shapes
 

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from ..ops.esi import select_topk
 from .dist import ShardLayout, all_gather_varlen, distributed_select, world
-from .mask import SafetyMask, save_safetensors, selection_noise, selection_size
+from .mask import SafetyMask, ShapeIndex, save_safetensors, selection_noise, selection_size
 
 __all__ = ["ESIScores", "FORMAT", "FORMAT_VERSION"]
 
@@ -24,7 +24,7 @@ FORMAT = "upsafe_esi_scores"
 FORMAT_VERSION = 1
 
 
-class ESIScores(Mapping):
+class ESIScores(ShapeIndex, Mapping):
     """ESI scores: a mapping parameter name -> fp32 score tensor of the parameter's shape.
 
     Under torch.distributed each rank holds only its shard: ``scores[name]`` is the local piece (FSDP2:
@@ -79,15 +79,6 @@ class ESIScores(Mapping):
 
     def __len__(self) -> int:
         return len(self._scores)
-
-    @property
-    def names(self) -> list[str]:
-        """Every scored tensor (all ranks), in global order."""
-        return list(self._shapes)
-
-    @property
-    def shapes(self) -> dict[str, tuple[int, ...]]:
-        return dict(self._shapes)
 
     def numel(self) -> int:
         """Eligible weights in total (all ranks)."""
