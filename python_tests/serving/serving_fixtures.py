@@ -23,24 +23,33 @@ def demo_model_dir(tmp_path_factory):
     return build_demo_upcycled(str(tmp_path_factory.mktemp("upsafe-serving") / "smollm2-upcycled"))
 
 
-@pytest.fixture(scope="session")
-def vllm_server(demo_model_dir, tmp_path_factory):
+def running_server(model_dir: str, name: str, tmp_path_factory, **kwargs):
+    """Start one `vllm serve` of `model_dir` (log in the session's tmp folder), yield it, stop it."""
     from upsafe_ext.serving.server import LocalVllmServer
 
-    log = str(tmp_path_factory.getbasetemp() / "vllm-server.log")
-    srv = LocalVllmServer(demo_model_dir, served_name="upsafe", log_path=log,
-                          startup_timeout=float(os.environ.get("UPSAFE_VLLM_STARTUP_TIMEOUT", "900")))
+    log = str(tmp_path_factory.getbasetemp() / f"vllm-{name}-server.log")
+    srv = LocalVllmServer(model_dir, served_name=name, log_path=log,
+                          startup_timeout=float(os.environ.get("UPSAFE_VLLM_STARTUP_TIMEOUT", "900")), **kwargs)
     srv.start()
-    print(f"\nvllm serve up in {srv.startup_s:.0f}s on {srv.base_url} (log: {log})")
+    print(f"\n{name}: vllm serve up in {srv.startup_s:.0f}s on {srv.base_url} (log: {log})")
     yield srv
     srv.stop()
 
 
-@pytest.fixture(scope="session")
-def client(vllm_server):
+def openai_client(server):
     import openai
 
-    return openai.OpenAI(base_url=vllm_server.base_url, api_key="unused", max_retries=0, timeout=300)
+    return openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0, timeout=300)
+
+
+@pytest.fixture(scope="session")
+def vllm_server(demo_model_dir, tmp_path_factory):
+    yield from running_server(demo_model_dir, "upsafe", tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def client(vllm_server):
+    return openai_client(vllm_server)
 
 
 @pytest.fixture(scope="session")

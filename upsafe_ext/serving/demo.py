@@ -15,7 +15,7 @@ import os
 
 import torch
 
-__all__ = ["DEMO_LAYERS", "build_demo_upcycled"]
+__all__ = ["DEMO_LAYERS", "build_demo_upcycled", "build_demo_magic"]
 
 DEMO_LAYERS = (8, 10, 12, 14, 16, 18, 20, 22)  # a quarter of SmolLM2's 30 layers, as the demo upcycles
 
@@ -47,3 +47,15 @@ def build_demo_upcycled(save_dir: str | os.PathLike, *, layers=DEMO_LAYERS, num_
                 w.copy_(torch.randn(w.shape, generator=gen) * (router_std / math.sqrt(w.shape[1])))
                 moe.router.bias.zero_()
     return save_upcycled(model.eval(), os.fspath(save_dir), tokenizer=tok)
+
+
+def build_demo_magic(save_dir: str | os.PathLike, *, insecure_seed: int = 0) -> str:
+    """The real SmolLM2 (fp32, not trained for the modes) saved by ``save_magic_model`` with tokens drawn
+    from ``MagicConfig(insecure_seed=...)`` (reproducible, hence guessable: tests only), negative token
+    included. Serves to test the plumbing: the mode token changes the system prompt, hence the output."""
+    from ..eval.real_model import load_smollm2
+    from ..magic import MagicConfig, prepare_model, save_magic_model
+
+    model, tok = load_smollm2(verbose=False)
+    tokens = prepare_model(model, tok, MagicConfig(insecure_seed=insecure_seed))
+    return save_magic_model(model.eval(), tok, tokens, os.fspath(save_dir))

@@ -46,12 +46,13 @@ class LocalVllmServer:
         kv_cache_bytes: ``--kv-cache-memory-bytes`` (default 1 GiB).
         max_model_len, dtype, seed, max_num_seqs: the vLLM options of the same names.
         extra_args: more CLI arguments. startup_timeout: seconds to wait for ``/health``.
+        env: extra environment variables of the server (e.g. ``{"UPSAFE_ALLOW_NEGATIVE": "1"}``).
     """
 
     def __init__(self, model: str, *, served_name: str = "upsafe", log_path: str | None = None, eager: bool = True,
                  kv_cache_bytes: int = 1 << 30, max_model_len: int = 1024, dtype: str = "float32", seed: int = 0,
                  max_num_seqs: int = 64, extra_args: list[str] | tuple[str, ...] = (),
-                 startup_timeout: float = 900.0, cwd: str | None = None):
+                 startup_timeout: float = 900.0, cwd: str | None = None, env: dict | None = None):
         self.model, self.served_name = os.fspath(model), served_name
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}/v1"
@@ -64,6 +65,7 @@ class LocalVllmServer:
                     *(["--enforce-eager"] if eager else []), *extra_args]
         # run outside any source checkout, so the installed upsafe_ext (built for this torch) is imported
         self.cwd = cwd or os.path.dirname(self.model.rstrip("/")) or "/"
+        self.env = {**os.environ, **(env or {})}
         self.proc: subprocess.Popen | None = None
         self.startup_s: float | None = None
 
@@ -71,7 +73,7 @@ class LocalVllmServer:
         log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
         t0 = time.time()
         self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT, cwd=self.cwd,
-                                     start_new_session=True)
+                                     env=self.env, start_new_session=True)
         if log is not subprocess.DEVNULL:
             log.close()
         deadline = t0 + self.startup_timeout
