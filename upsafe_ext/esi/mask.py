@@ -75,6 +75,18 @@ def save_safetensors(tensors: dict, path: str, metadata: dict) -> str:
     return path
 
 
+def check_file_format(metadata: dict | None, fmt: str, version: int, path: str, op: str, what: str) -> dict:
+    """The safetensors `metadata` of one of our files, checked: its format tag is `fmt` and its version is at
+    most `version` (a newer file asks for an upgrade). ValueError naming `op` otherwise."""
+    md = metadata or {}
+    if md.get("format") != fmt:
+        raise ValueError(f"{op}: {path} is not {what} (format={md.get('format')!r})")
+    if int(md.get("version", "0")) > version:
+        raise ValueError(f"{op}: {path} has format version {md['version']}; this upsafe_ext reads <= {version} "
+                         "(upgrade)")
+    return md
+
+
 class ShapeIndex:
     """`names` and `shapes` of a per-tensor container keeping ``self._shapes`` (name -> full shape, in
     global order); shared by `SafetyMask` and `ESIScores`."""
@@ -313,12 +325,7 @@ class SafetyMask(ShapeIndex):
         from safetensors import safe_open
 
         with safe_open(path, framework="pt") as f:
-            md = f.metadata() or {}
-            if md.get("format") != FORMAT:
-                raise ValueError(f"SafetyMask.load: {path} is not a SafetyMask file (format={md.get('format')!r})")
-            if int(md.get("version", "0")) > FORMAT_VERSION:
-                raise ValueError(f"SafetyMask.load: {path} has format version {md['version']}; this upsafe_ext reads "
-                                 f"<= {FORMAT_VERSION} (upgrade)")
+            md = check_file_format(f.metadata(), FORMAT, FORMAT_VERSION, path, "SafetyMask.load", "a SafetyMask file")
             shapes = {n: tuple(s) for n, s in json.loads(md["shapes"])}
             keys = set(f.keys())
             indices = {}

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from ..ops.esi import select_topk
 from .dist import ShardLayout, all_gather_varlen, distributed_select, world
-from .mask import SafetyMask, ShapeIndex, save_safetensors, selection_noise, selection_size
+from .mask import SafetyMask, ShapeIndex, check_file_format, save_safetensors, selection_noise, selection_size
 
 __all__ = ["ESIScores", "FORMAT", "FORMAT_VERSION"]
 
@@ -182,12 +182,7 @@ class ESIScores(ShapeIndex, Mapping):
         from safetensors import safe_open
 
         with safe_open(path, framework="pt", device=str(device)) as f:
-            md = f.metadata() or {}
-            if md.get("format") != FORMAT:
-                raise ValueError(f"ESIScores.load: {path} is not an ESI scores file (format={md.get('format')!r})")
-            if int(md.get("version", "0")) > FORMAT_VERSION:
-                raise ValueError(f"ESIScores.load: {path} has format version {md['version']}; this upsafe_ext "
-                                 f"reads <= {FORMAT_VERSION} (upgrade)")
+            md = check_file_format(f.metadata(), FORMAT, FORMAT_VERSION, path, "ESIScores.load", "an ESI scores file")
             order = json.loads(md["order"])
             scores = {n: f.get_tensor(n) for n in order}
         return cls(scores, meta=json.loads(md.get("meta", "{}")))
