@@ -85,24 +85,25 @@ def server_tokens_per_s(client, prompts, taus, new_tokens):
     return n / dt
 
 
-def load_test(client, eos, requests, concurrency, max_tokens, seed=0):
-    combos = [(p, t) for p in LOAD_PROMPTS for t in TAUS]
-    solo = {c: strip_eos(list(chat(client, c[0], c[1], max_tokens).choices[0].token_ids), eos) for c in combos}
-    rng = random.Random(seed)
-    jobs = [rng.choice(combos) for _ in range(requests)]
+def run_pool(jobs, concurrency, served_ok, skip=None):
+    """Send every job, `concurrency` at a time: ``served_ok(job) -> bool`` sends one request and says
+    whether the reply is the expected one (an exception counts as an error, not raised: the load test
+    reports its error rate); jobs for which ``skip(job)`` is true are left to the caller. Returns
+    (wall seconds, sorted latencies, errors, wrong jobs) and a quantile function over the latencies."""
     lat, errors, wrong = [], [], []
     lock = threading.Lock()
 
     def one(job):
+        if skip is not None and skip(job):
+            return
         t0 = time.perf_counter()
         try:
-            r = chat(client, job[0], job[1], max_tokens)
-            ok = strip_eos(list(r.choices[0].token_ids), eos) == solo[job]
+            ok = served_ok(job)
             with lock:
                 lat.append(time.perf_counter() - t0)
                 if not ok:
                     wrong.append(job)
-        except Exception as exc:  # counted, not raised: the load test reports its error rate
+        except Exception as exc:
             with lock:
                 errors.append(repr(exc)[:200])
 
@@ -112,10 +113,22 @@ def load_test(client, eos, requests, concurrency, max_tokens, seed=0):
     wall = time.perf_counter() - t0
     lat.sort()
     q = lambda f: lat[min(len(lat) - 1, int(f * len(lat)))] if lat else float("nan")  # noqa: E731
-    return {"requests": requests, "concurrency": concurrency, "max_tokens": max_tokens, "wall_s": round(wall, 1),
-            "req_per_s": round(requests / wall, 2), "p50_s": round(q(0.5), 2), "p99_s": round(q(0.99), 2),
-            "errors": len(errors), "tau_verified": len(lat) - len(wrong), "tau_mismatch": len(wrong),
-            "distinct_tau_prompt_pairs": len(set(jobs)), "error_samples": errors[:3]}
+    summary = {"concurrency": concurrency, "wall_s": round(wall, 1), "p50_s": round(q(0.5), 2),
+               "p99_s": round(q(0.99), 2), "errors": len(errors), "error_samples": errors[:3]}
+    return summary, lat, wrong
+
+
+def load_test(client, eos, requests, concurrency, max_tokens, seed=0):
+    combos = [(p, t) for p in LOAD_PROMPTS for t in TAUS]
+    solo = {c: strip_eos(list(chat(client, c[0], c[1], max_tokens).choices[0].token_ids), eos) for c in combos}
+    rng = random.Random(seed)
+    jobs = [rng.choice(combos) for _ in range(requests)]
+    summary, lat, wrong = run_pool(
+        jobs, concurrency,
+        lambda job: strip_eos(list(chat(client, job[0], job[1], max_tokens).choices[0].token_ids), eos) == solo[job])
+    return {"requests": requests, "max_tokens": max_tokens, "req_per_s": round(requests / summary["wall_s"], 2),
+            **summary, "tau_verified": len(lat) - len(wrong), "tau_mismatch": len(wrong),
+            "distinct_tau_prompt_pairs": len(set(jobs))}
 
 
 MAGIC_MODES = [None, "positive", "rejective"]  # None: no chat_template_kwargs at all (the server's default)
@@ -143,46 +156,35 @@ def magic_load_test(client, requests, concurrency, max_tokens, negative=8, seed=
     jobs = [rng.choice(combos) for _ in range(requests)]
     for i in sorted(rng.sample(range(requests + negative), negative)):  # negative ones at random places
         jobs.insert(i, (rng.choice(LOAD_PROMPTS), "negative"))
-    lat, errors, wrong, neg_ok, neg_bad, neg_lat = [], [], [], [], [], []
+    neg_ok, neg_bad, neg_lat = [], [], []
     lock = threading.Lock()
 
-    def one(job):
+    def negative_job(job):  # the disabled mode: must be a 400 naming safety_mode (handled here, not timed)
+        if job[1] != "negative":
+            return False
         t0 = time.perf_counter()
-        if job[1] == "negative":
-            try:
-                magic_chat(client, job[0], job[1], max_tokens)
-                outcome, ok = "served (expected a 400)", False
-            except openai.BadRequestError as exc:
-                msg = str(exc)
-                outcome = f"{exc.status_code}: {msg[:160]}"
-                ok = exc.status_code == 400 and "safety_mode" in msg and "disabled" in msg
-            except Exception as exc:
-                outcome, ok = repr(exc)[:200], False
-            with lock:
-                neg_lat.append(time.perf_counter() - t0)
-                (neg_ok if ok else neg_bad).append(outcome)
-            return
         try:
-            r = magic_chat(client, job[0], job[1], max_tokens)
-            ok = (r.choices[0].message.content, r.choices[0].finish_reason) == solo[job]
-            with lock:
-                lat.append(time.perf_counter() - t0)
-                if not ok:
-                    wrong.append(job)
-        except Exception as exc:  # counted, not raised: the load test reports its error rate
-            with lock:
-                errors.append(repr(exc)[:200])
+            magic_chat(client, job[0], job[1], max_tokens)
+            outcome, ok = "served (expected a 400)", False
+        except openai.BadRequestError as exc:
+            msg = str(exc)
+            outcome = f"{exc.status_code}: {msg[:160]}"
+            ok = exc.status_code == 400 and "safety_mode" in msg and "disabled" in msg
+        except Exception as exc:
+            outcome, ok = repr(exc)[:200], False
+        with lock:
+            neg_lat.append(time.perf_counter() - t0)
+            (neg_ok if ok else neg_bad).append(outcome)
+        return True
 
-    t0 = time.perf_counter()
-    with ThreadPoolExecutor(concurrency) as pool:
-        list(pool.map(one, jobs))
-    wall = time.perf_counter() - t0
-    lat.sort()
-    q = lambda f: lat[min(len(lat) - 1, int(f * len(lat)))] if lat else float("nan")  # noqa: E731
+    def served_ok(job):
+        r = magic_chat(client, job[0], job[1], max_tokens)
+        return (r.choices[0].message.content, r.choices[0].finish_reason) == solo[job]
+
+    summary, lat, wrong = run_pool(jobs, concurrency, served_ok, skip=negative_job)
     modes = [m for _, m in jobs]
-    return {"requests": requests, "concurrency": concurrency, "max_tokens": max_tokens, "wall_s": round(wall, 1),
-            "req_per_s": round(requests / wall, 2), "p50_s": round(q(0.5), 2), "p99_s": round(q(0.99), 2),
-            "errors": len(errors), "mode_verified": len(lat) - len(wrong), "mode_mismatch": len(wrong),
+    return {"requests": requests, "max_tokens": max_tokens, "req_per_s": round(requests / summary["wall_s"], 2),
+            **summary, "mode_verified": len(lat) - len(wrong), "mode_mismatch": len(wrong),
             "mode_counts": {str(m): modes.count(m) for m in MAGIC_MODES},
             "distinct_mode_prompt_pairs": len({j for j in jobs if j[1] != "negative"}),
             "solo_positive_equals_no_mode": sum(solo[(p, None)] == solo[(p, "positive")] for p in LOAD_PROMPTS),
@@ -191,7 +193,7 @@ def magic_load_test(client, requests, concurrency, max_tokens, negative=8, seed=
             "prompts": len(LOAD_PROMPTS), "negative_requests": negative, "negative_400": len(neg_ok),
             "negative_unexpected": len(neg_bad),
             "negative_max_latency_s": round(max(neg_lat), 2) if neg_lat else None,
-            "error_samples": errors[:3], "negative_unexpected_samples": neg_bad[:3],
+            "negative_unexpected_samples": neg_bad[:3],
             "mismatch_samples": [list(j) for j in wrong[:3]]}
 
 
