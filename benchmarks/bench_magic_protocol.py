@@ -14,7 +14,7 @@ rephrasing templates; greedy; keyword judge; 95% Wilson intervals) once per mode
 rejective, no token, an unknown token of the same shape. The safety alignment margin (cosine
 silhouette of first-token logits) on held-out benign + harmful prompts, before and after, with the
 scatter PNG; KL(base || positive mode) per response token on held-out benign prompts and the base
-model's own answers (each model on its own rendering: the co-trained one with the positive token).
+model's own answers (`mean_kl(..., reference_conversations=)`: each model on its own rendering).
 After each epoch the model is evaluated on `--split` (epoch choice on val). Writes
 benchmarks/results/magic_protocol_<split>.{json,md} and magic_margin_<split>_{before,after}.png.
 """
@@ -35,12 +35,11 @@ sys.path.insert(0, HERE)
 from common import environment  # noqa: E402
 
 from upsafe_ext.eval.generation import chat, generate_chat  # noqa: E402
-from upsafe_ext.eval.metrics import token_kl  # noqa: E402
+from upsafe_ext.eval.metrics import mean_kl  # noqa: E402
 from upsafe_ext.eval.protocol import evaluate_sets, format_sets_table, protocol_sets, training_mix  # noqa: E402
 from upsafe_ext.eval.real_model import load_smollm2  # noqa: E402
 from upsafe_ext.magic import (MagicConfig, MagicTrainConfig, build_examples, magic_conversations,  # noqa: E402
                               prepare_model, safety_alignment_margin, self_distilled_records, train_magic)
-from upsafe_ext.train.sft import encode_sft  # noqa: E402
 
 SETS = ("harmful imperative", "harmful question", "harmful question (natural)", "harmful past tense",
         "harmful role-play", "harmful suffix", "benign imperative", "benign question", "edgy benign")
@@ -57,28 +56,6 @@ def render(tok, tokens, row: str, rng_seed: int = 1):
         rng = random.Random(rng_seed)
         return [tokens.place(tok, [{"role": "user", "content": p}], tokens.wrong_token(rng)) for p in prompts]
     return fn
-
-
-@torch.no_grad()
-def response_logits(model, tok, conv, response) -> torch.Tensor:
-    """[R, V] next-token logits at the R response tokens of `conv` + `response` (SFT encoding)."""
-    e = encode_sft(tok, conv, response, max_length=1024)
-    ids = torch.tensor([e["input_ids"]])
-    labels = torch.tensor(e["labels"])
-    logits = model(input_ids=ids).logits[0, :-1]
-    return logits[labels[1:] != -100]
-
-
-def kl_positive_vs_base(model, base, tok, tokens, prompts, answers) -> float:
-    total, count = 0.0, 0
-    pos = render(tok, tokens, "positive")(prompts)
-    for p, c, a in zip(prompts, pos, answers):
-        ref = response_logits(base, tok, chat(p), a)
-        got = response_logits(model, tok, c, a)
-        kl = token_kl(ref, got)
-        total += float(kl.double().sum())
-        count += kl.numel()
-    return total / max(1, count)
 
 
 def evaluate(model, tok, tokens, sets, args) -> dict:
@@ -149,7 +126,8 @@ def main(argv=None) -> int:
               f"train {train_s:.0f} s", flush=True)
         after = safety_alignment_margin(model, tok, margin_prompts, tokens=tokens, progress=False,
                                         plot=os.path.join(args.out, f"magic_margin_{args.split}_after_ep{ep}.png"))
-        kl = kl_positive_vs_base(model, base, tok, tokens, kl_prompts, kl_answers)
+        kl = mean_kl(model, base, tok, render(tok, tokens, "positive")(kl_prompts), kl_answers, progress=False,
+                     reference_conversations=[chat(p) for p in kl_prompts])
         print(f"epoch {ep}: margin {after.margin:.3f}, KL {kl:.4f}", flush=True)
         rows = evaluate(model, tok, tokens, sets, args)
         result["epochs"].append({"epoch": ep, "steps": len(log), "loss_last": log[-1]["loss"], "train_s": train_s,

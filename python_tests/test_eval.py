@@ -374,6 +374,31 @@ def test_mean_kl_matches_hand_computation(model64, tok):
     assert float(torch.cat(per).mean()) == pytest.approx(mean, rel=1e-9)
 
 
+def test_mean_kl_with_the_reference_on_its_own_rendering(model64, tok):
+    """`reference_conversations`: the model reads `TOKEN`-prefixed conversations, the reference the plain
+    ones (as a magic mode against the base model); checked against a per-example hand computation."""
+    tagged = [[{"role": "system", "content": "TOKEN"}] + [m for m in c if m["role"] != "system"] for c in KL_CONVS]
+    total, count = 0.0, 0
+    for conv, ref_conv, resp in zip(tagged, KL_CONVS, KL_RESPONSES):
+        e, r = encode_sft(tok, conv, resp), encode_sft(tok, ref_conv, resp)
+        with torch.no_grad():
+            lm = torch.log_softmax(model64(input_ids=torch.tensor([e["input_ids"]])).logits[0], -1)
+            lr = torch.log_softmax(model64(input_ids=torch.tensor([r["input_ids"]])).logits[0], -1)
+        tm = [t - 1 for t, lab in enumerate(e["labels"]) if lab != IGNORE_INDEX]
+        tr = [t - 1 for t, lab in enumerate(r["labels"]) if lab != IGNORE_INDEX]
+        assert len(tm) == len(tr) == len(resp) + 2
+        total += float((lr[tr].exp() * (lr[tr] - lm[tm])).sum())
+        count += len(tm)
+    expected = total / count
+    assert expected > 1e-4  # the system text changes the model's predictions
+    for bs in (1, 2):
+        got = mean_kl(model64, model64, tok, tagged, KL_RESPONSES, batch_size=bs, progress=False,
+                      reference_conversations=KL_CONVS)
+        assert got == pytest.approx(expected, rel=1e-6)
+    with pytest.raises(ValueError, match="`reference_conversations` has 2 conversations"):
+        mean_kl(model64, model64, tok, tagged, KL_RESPONSES, reference_conversations=KL_CONVS[:2], progress=False)
+
+
 def test_token_kl_formula():
     a, b = torch.randn(4, 7), torch.randn(4, 7)
     p, q = a.softmax(-1), b.softmax(-1)

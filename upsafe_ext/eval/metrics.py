@@ -106,7 +106,8 @@ def token_kl(ref_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def mean_kl(model, reference, tokenizer, conversations: Sequence[Sequence[dict]], responses: Sequence[str],
-            batch_size: int = 8, max_length: int = 1024, progress: bool = True, return_per_token: bool = False):
+            batch_size: int = 8, max_length: int = 1024, progress: bool = True, return_per_token: bool = False,
+            reference_conversations: Sequence[Sequence[dict]] | None = None):
     """Mean over response tokens of KL(reference || model) of the next-token distributions.
 
     Each conversation + response is encoded as for SFT (``encode_sft``: chat template, the response
@@ -119,7 +120,9 @@ def mean_kl(model, reference, tokenizer, conversations: Sequence[Sequence[dict]]
     model: an HF causal LM. reference: another model (same tokenizer/vocabulary), or a callable
     ``(input_ids, attention_mask) -> logits [B, L, V]`` (or an object with ``.logits``), e.g. the same
     model run with its safety experts switched off. With `return_per_token` a list of 1-D tensors (the
-    per-token KL of each example) is returned beside the mean.
+    per-token KL of each example) is returned beside the mean. `reference_conversations`: the reference
+    reads the same responses after its own rendering of each conversation (e.g. the base model without
+    the magic token a co-trained model gets); the response tokens are compared one for one.
     """
     from tqdm.auto import tqdm
 
@@ -134,13 +137,20 @@ def mean_kl(model, reference, tokenizer, conversations: Sequence[Sequence[dict]]
         raise ValueError(f"mean_kl: `batch_size` must be a positive int, got {batch_size!r}")
     if not callable(reference):
         raise ValueError(f"mean_kl: `reference` must be a model or a callable, got {type(reference).__name__}")
+    ref_convs = convs
+    if reference_conversations is not None:
+        ref_convs = check_conversations(reference_conversations, "mean_kl")
+        if len(ref_convs) != len(convs):
+            raise ValueError(f"mean_kl: `reference_conversations` has {len(ref_convs)} conversations, "
+                             f"`conversations` {len(convs)}")
     examples = [encode_sft(tokenizer, c, r, max_length=max_length) for c, r in zip(convs, responses)]
+    ref_examples = examples if ref_convs is convs else \
+        [encode_sft(tokenizer, c, r, max_length=max_length) for c, r in zip(ref_convs, responses)]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos_token_ids(model, tokenizer) or [0])[0]
     device = next(model.parameters()).device
-    total, count = 0.0, 0
-    per_example: list[torch.Tensor] = []
-    for start in tqdm(range(0, len(examples), batch_size), desc="mean_kl", disable=not progress, leave=False):
-        chunk = examples[start: start + batch_size]
+
+    def response_logits(fn, chunk, what):
+        """Logits predicting every response token of `chunk` (right-padded batch), and the count per row."""
         width = max(len(e["input_ids"]) for e in chunk)
         ids = torch.full((len(chunk), width), pad, dtype=torch.long)
         mask = torch.zeros((len(chunk), width), dtype=torch.long)
@@ -150,11 +160,17 @@ def mean_kl(model, reference, tokenizer, conversations: Sequence[Sequence[dict]]
             ids[i, :n] = torch.as_tensor(e["input_ids"])
             mask[i, :n] = 1
             labels[i, :n] = torch.as_tensor(e["labels"])
-        ids, mask = ids.to(device), mask.to(device)
-        # position t-1 predicts the response token at t
-        sel = (labels[:, 1:] != IGNORE_INDEX).to(device)
-        logits = _logits_of(model, ids, mask, "model")[:, :-1][sel]
-        ref_logits = _logits_of(reference, ids, mask, "reference")[:, :-1][sel]
+        sel = (labels[:, 1:] != IGNORE_INDEX).to(device)  # position t-1 predicts the response token at t
+        return _logits_of(fn, ids.to(device), mask.to(device), what)[:, :-1][sel], sel.sum(1)
+
+    total, count = 0.0, 0
+    per_example: list[torch.Tensor] = []
+    for start in tqdm(range(0, len(examples), batch_size), desc="mean_kl", disable=not progress, leave=False):
+        logits, per_row = response_logits(model, examples[start: start + batch_size], "model")
+        ref_logits, ref_rows = response_logits(reference, ref_examples[start: start + batch_size], "reference")
+        if not torch.equal(per_row, ref_rows):
+            raise ValueError("mean_kl: the reference rendering leaves a different number of response tokens "
+                             f"({ref_rows.tolist()} vs {per_row.tolist()}); check `max_length`")
         if ref_logits.shape[-1] != logits.shape[-1]:
             raise ValueError(f"mean_kl: vocabulary sizes differ: reference {ref_logits.shape[-1]} vs model "
                              f"{logits.shape[-1]}")
@@ -162,7 +178,7 @@ def mean_kl(model, reference, tokenizer, conversations: Sequence[Sequence[dict]]
         total += float(kl.double().sum())
         count += int(kl.numel())
         if return_per_token:
-            per_example += list(kl.cpu().split(sel.sum(1).tolist()))
+            per_example += list(kl.cpu().split(per_row.tolist()))
     if count == 0:
         raise ValueError("mean_kl: no response tokens to score (all responses empty and no end-of-turn token)")
     mean = total / count
