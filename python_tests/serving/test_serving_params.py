@@ -31,3 +31,9 @@ def test_model_info_from_saved_config_dicts():
         info = serving_model_info(cfg)
         assert info.upcycle.layers == [2, 5] and info.default_safety_temperature == 0.25
     assert serving_model_info({"model_type": "llama"}) is None
+
+
+def test_sequence_routed_models_are_refused_not_served_per_token():
+    up = UpcycleConfig(layers=[2, 5], routing="sequence").to_dict()
+    with pytest.raises(ValueError, match="routing='sequence'"):
+        serving_model_info({"model_type": "upsafe_upcycled", "base_model_type": "llama", "upsafe_upcycle": up})

@@ -52,4 +52,8 @@ def serving_model_info(hf_config) -> ServingModelInfo | None:
     if not isinstance(d, Mapping):  # a config object (e.g. an UpcycleConfig kept on the HF config)
         d = d.to_dict() if hasattr(d, "to_dict") else dict(vars(d))
     cfg = UpcycleConfig.from_dict(dict(d))
+    if cfg.routing != "token":
+        raise ValueError(f"upsafe_ext serving: this model routes per sequence (UpcycleConfig.routing="
+                         f"{cfg.routing!r}), which the vLLM plugin does not implement (it routes per token); serve "
+                         "it with Hugging Face `generate` (which takes the decision), or save a routing='token' model")
     return ServingModelInfo(cfg, float(cfg.safety_temperature))

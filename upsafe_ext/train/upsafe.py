@@ -19,6 +19,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from ..upcycle.hf import routes_per_sequence
 from ..upcycle.model import safety_moe_modules, safety_temperature
 from .chat import chat, pad_token_id, render_chat
 from .config import UpSafeTrainConfig, autocast_name
@@ -222,10 +223,20 @@ def stage2(model, tokenizer, harmful: Sequence[str], benign: Sequence[str], *,
     first gets a logistic-probe initialisation on its own inputs (`warm_start_routers`). ``sup_tokens``
     (ours): supervise the router (and fit the warm-start probe) only on the assistant header and the
     first `sup_tokens` response tokens, where the choice to refuse is made (None = every response token).
-    Settings as in `stage1` (``lr=`` / ``lb_coef=`` set ``stage2_lr`` / ``stage2_lb_coef``)."""
+    Settings as in `stage1` (``lr=`` / ``lb_coef=`` set ``stage2_lr`` / ``stage2_lb_coef``).
+
+    A model upcycled with ``routing="sequence"`` takes one decision per prompt; its stage 2 is
+    ``upcycle.sequence.fit_sequence_routers`` on the prompts (L2 ``sequence_l2``; no replies are generated or
+    trained on) and the log is one entry with the fit's accuracy and BCE on its training prompts."""
     cfg = stage_config(config, overrides, 2, "stage2")
     if not harmful or not benign:
         raise ValueError("stage2: needs both harmful and benign prompts")
+    if routes_per_sequence(model):  # one decision per prompt: the routers are one probe, fitted in closed form
+        from ..upcycle.sequence import fit_sequence_routers
+
+        fit = fit_sequence_routers(model, tokenizer, harmful, benign, l2=cfg.sequence_l2, system=cfg.system,
+                                   batch_size=cfg.batch_size, max_length=cfg.max_length, progress=cfg.progress)
+        return [{"step": 1, "loss": fit["train_bce"], "extra_loss": fit["train_bce"], **fit}]
     harmful_responses = (list(harmful_responses) if harmful_responses is not None
                          else default_refusals(harmful, cfg.seed))
     if benign_responses is None:

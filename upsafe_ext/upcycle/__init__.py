@@ -12,6 +12,9 @@ __all__ += ["UpsafeConfig", "upsafe_config", "as_upsafe_model"]
 from .io import load_safety_adapter, load_upcycled, save_safety_adapter, save_upcycled  # noqa: E402
 
 __all__ += ["save_upcycled", "load_upcycled", "save_safety_adapter", "load_safety_adapter"]
+from .sequence import fit_sequence_routers, sequence_routes, sequence_scores  # noqa: E402
+
+__all__ += ["fit_sequence_routers", "sequence_routes", "sequence_scores"]
 from .scan import LayerScanReport, scan_safety_layers  # noqa: E402
 
 __all__ += ["LayerScanReport", "scan_safety_layers"]

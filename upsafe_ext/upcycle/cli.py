@@ -52,9 +52,9 @@ def _cmd_upcycle(a) -> int:
               else LayerScanReport.load_json(a.from_scan).top(a.top))
     check_out_arg(a.out, [a.model])
     model, tok = load_from_args(a)
-    upcycle_(model, UpcycleConfig(layers=layers, num_safety_experts=a.experts, top_k=a.top_k))
+    upcycle_(model, UpcycleConfig(layers=layers, num_safety_experts=a.experts, top_k=a.top_k, routing=a.routing))
     save_upcycled(model, a.out, tokenizer=tok)  # atomic, never over the folder the model came from
-    print(f"upcycled layers {layers} ({a.experts} safety expert(s), top-{a.top_k}) -> {a.out}")
+    print(f"upcycled layers {layers} ({a.experts} safety expert(s), top-{a.top_k}, routing per {a.routing}) -> {a.out}")
     return 0
 
 
@@ -124,6 +124,8 @@ def _cmd_demo(a) -> int:
     from .pipeline import DemoConfig, run_demo
 
     kw = dict(out_dir=a.out, split=a.split, device=a.device, dtype=a.dtype)
+    if a.routing is not None:
+        kw["routing"] = a.routing
     cfg = DemoConfig.quick(**kw) if a.quick else DemoConfig(**kw)
     run_demo(cfg)
     return 0
@@ -147,6 +149,9 @@ def register(sub) -> set[str]:
     p.add_argument("--top", type=int, default=None)
     p.add_argument("--experts", type=int, default=1)
     p.add_argument("--top-k", type=int, default=1)
+    p.add_argument("--routing", choices=["token", "sequence"], default="token",
+                   help="'token': the router decides per token (the paper); 'sequence': one decision per "
+                        "request at the generation position (ours; `upsafe train` stage 2 then fits it)")
     p.add_argument("--out", default="upsafe_out/upcycled", help="output folder (default upsafe_out/upcycled)")
     p.set_defaults(fn=_cmd_upcycle)
 
@@ -185,6 +190,8 @@ def register(sub) -> set[str]:
     p.add_argument("--out", default="upsafe_out/demo")
     p.add_argument("--quick", action="store_true", help="fewer prompts and steps")
     p.add_argument("--split", choices=["val", "test"], default="test", help="evaluate on val while tuning")
+    p.add_argument("--routing", choices=["token", "sequence"], default=None,
+                   help="UpcycleConfig.routing (default: DemoConfig's, chosen on val)")
     add_device_args(p)
     p.set_defaults(fn=_cmd_demo)
     return {"scan", "upcycle", "train", "eval", "sweep-temperature", "demo"}

@@ -9,6 +9,7 @@ from .._config import SerialisableConfig
 CONFIG_VERSION = 1
 CONFIG_KEY = "upsafe_upcycle"  # where the config lives inside model.config (saved in config.json)
 ROUTER_GRADS = ("straight_through", "none")
+ROUTINGS = ("token", "sequence")
 
 
 @dataclass
@@ -38,6 +39,13 @@ class UpcycleConfig(SerialisableConfig):
             the probability. "none": the plain renormalised weight; at top-1 it is p/p = 1 and the
             router gets no gradient from the LM loss (only from auxiliary losses). Default
             "straight_through".
+        routing (str): who decides where tokens go. "token" (the paper): the router picks experts for
+            every token. "sequence" (ours): one decision per sequence, taken at the generation position
+            (the last prompt token) from the base model's hidden states there: the routers of all upcycled
+            layers are read at that position, their safety logits averaged, log(τ/(1-τ)) added, and if
+            the result is > 0 the whole reply goes through the safety experts (τ=1 for that sequence),
+            else through the original MLP (τ=0: exactly the base model). `generate` takes the decision
+            itself; see `upsafe_ext.upcycle.sequence`. Default "token".
 
     Example:
         >>> cfg = UpcycleConfig(layers=[3, 4], num_safety_experts=1, top_k=1)
@@ -57,6 +65,8 @@ class UpcycleConfig(SerialisableConfig):
     train_general: bool = field(default=False, metadata={"help": "also train the original MLP"})
     router_grad: str = field(default="straight_through",
                              metadata={"help": "'straight_through' (the LM loss reaches the router) or 'none'"})
+    routing: str = field(default="token",
+                         metadata={"help": "'token' (router per token) or 'sequence' (one decision per request)"})
     version: int = field(default=CONFIG_VERSION, metadata={"help": "config format version"})
 
     def __post_init__(self):
@@ -87,6 +97,8 @@ class UpcycleConfig(SerialisableConfig):
 
         if self.router_grad not in ROUTER_GRADS:
             raise ValueError(f"UpcycleConfig.router_grad must be one of {ROUTER_GRADS}, got {self.router_grad!r}")
+        if self.routing not in ROUTINGS:
+            raise ValueError(f"UpcycleConfig.routing must be one of {ROUTINGS}, got {self.routing!r}")
 
     @property
     def num_experts(self) -> int:

@@ -144,9 +144,12 @@ class UpsafeForCausalLMMixin:
         return (model, info) if want_info else model
 
     def _upsafe_forward(self, *args, safety_temperature=None, **kwargs):
-        if safety_temperature is None:
+        tau = None if safety_temperature is None else request_tau(safety_temperature, batch_size_of(args, kwargs),
+                                                                  self.device)
+        if routes_per_sequence(self):
+            tau = sequence_tau(self, args, kwargs, tau, "forward")
+        if tau is None:
             return super().forward(*args, **kwargs)
-        tau = request_tau(safety_temperature, batch_size_of(args, kwargs), self.device)
         with request_safety_temperature(tau):
             return super().forward(*args, **kwargs)
 
@@ -156,9 +159,43 @@ class UpsafeForCausalLMMixin:
     def generate(self, *args, safety_temperature=None, **kwargs):
         """``GenerationMixin.generate``, plus ``safety_temperature``: a float in [0, 1] or one per input
         sequence (list or 1-D tensor); beams and return sequences of a sequence share its τ."""
-        if safety_temperature is not None:
-            kwargs["safety_temperature"] = request_tau(safety_temperature, batch_size_of(args, kwargs), self.device)
+        tau = None if safety_temperature is None else request_tau(safety_temperature, batch_size_of(args, kwargs),
+                                                                  self.device)
+        if routes_per_sequence(self):
+            tau = sequence_tau(self, args, kwargs, tau, "generate")
+        if tau is not None:
+            kwargs["safety_temperature"] = tau
         return super().generate(*args, **kwargs)
+
+
+def routes_per_sequence(model) -> bool:
+    """True for a model upcycled with ``UpcycleConfig(routing="sequence")``."""
+    return (getattr(model.config, CONFIG_KEY, None) or {}).get("routing", "token") == "sequence"
+
+
+def sequence_tau(model, args, kwargs, tau, op: str):
+    """τ for a call of a sequence-routed model: τ itself when it needs no decision (0, 1, or 0/1 per sequence),
+    else the decision per sequence (``sequence.sequence_routes``) on the call's input ids."""
+    from .layer import current_tau, safety_moe_modules
+    from .sequence import is_pure_tau, sequence_routes
+
+    mods = safety_moe_modules(model)
+    effective = current_tau(mods[0][1]) if tau is None else tau
+    if is_pure_tau(effective):
+        return tau
+    ids = next((x for x in (args[0] if args else None, kwargs.get("input_ids"), kwargs.get("inputs"))
+                if isinstance(x, torch.Tensor)), None)
+    if ids is None or ids.dim() != 2 or ids.is_floating_point():
+        raise ValueError(f"{ARCHITECTURE}.{op}: this model routes per sequence (UpcycleConfig.routing='sequence') "
+                         "and decides from the prompt's token ids: pass `input_ids` [batch, seq] (not "
+                         "`inputs_embeds`), or pass `safety_temperature` as 0/1 per sequence")
+    past = kwargs.get("past_key_values")
+    if past is not None and (past.get_seq_length() if hasattr(past, "get_seq_length") else len(past)) > 0:
+        raise ValueError(f"{ARCHITECTURE}.{op}: this model routes per sequence (UpcycleConfig.routing='sequence') "
+                         "and takes the decision at the end of the prompt, which a call continuing from "
+                         "`past_key_values` cannot see: pass `safety_temperature` as the 0/1 per sequence that "
+                         "upsafe_ext.upcycle.sequence_routes(model, prompt_ids, prompt_mask) gave for the prompt")
+    return sequence_routes(model, ids, kwargs.get("attention_mask"), effective)
 
 
 def _forward_signature(base_forward) -> inspect.Signature:

@@ -69,6 +69,7 @@ class SafetyMoE(nn.Module):
         self.min_weight = config.min_weight
         self.router_temperature = config.router_temperature
         self.router_grad = config.router_grad
+        self.routing = config.routing
         dt, dev = base.w_in.dtype, base.w_in.device
         self.router = nn.Linear(H, E, bias=True, dtype=dt, device=dev)
         with torch.no_grad():
@@ -113,9 +114,7 @@ class SafetyMoE(nn.Module):
 
     # -- safety temperature -> routing bias -------------------------------------------------------------
     def _routing_bias(self, batch: int, seq: int, device) -> Tensor | None:
-        tau = _REQUEST_TAU.get()
-        if tau is None:
-            tau = self.safety_temperature
+        tau = current_tau(self)
         E = self.num_experts
         if isinstance(tau, Tensor):
             if tau.numel() != batch:
@@ -127,6 +126,11 @@ class SafetyMoE(nn.Module):
             saf = torch.where(t >= 1.0, torch.zeros_like(t), torch.log(t / (1.0 - t)))
             per_seq = torch.cat([gen, saf.expand(batch, E - 1)], dim=1).float()  # [B, E]
             return per_seq.repeat_interleave(seq, dim=0)  # [B*S, E]
+        if self.routing == "sequence" and tau not in (0.0, 1.0):
+            raise ValueError(f"SafetyMoE: this model routes per sequence (UpcycleConfig.routing='sequence'), so "
+                             f"each sequence needs a decision, not the shared τ={tau:g}: call the model's "
+                             "`generate`, or pass `safety_temperature=upsafe_ext.upcycle.sequence_routes(model, "
+                             "input_ids, attention_mask)` (one 0/1 value per sequence) to the call")
         if tau == 0.5:
             return None
         key = (float(tau), str(device), E)
@@ -190,6 +194,18 @@ class SafetyMoE(nn.Module):
 
     def router_parameters(self):
         return list(self.router.parameters())
+
+
+def current_tau(module: SafetyMoE):
+    """The τ a forward of `module` would use now: the call's (``request_safety_temperature``), else the
+    module's default."""
+    tau = _REQUEST_TAU.get()
+    return module.safety_temperature if tau is None else tau
+
+
+def safety_moe_modules(model: nn.Module) -> list[tuple[str, SafetyMoE]]:
+    """(name, module) of every SafetyMoE in `model`, in module order."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, SafetyMoE)]
 
 
 @torch.compiler.disable  # a host check of the values: runs eagerly, so compiled callers validate too

@@ -8,12 +8,11 @@ from torch import nn
 
 from .config import CONFIG_KEY, UpcycleConfig
 from .hf import as_upsafe_model
-from .layer import SafetyMoE, swap_in_safety_moe, validate_tau
+from .layer import SafetyMoE, safety_moe_modules, swap_in_safety_moe, validate_tau
 from .mlp import find_decoder_layers
 
-
-def safety_moe_modules(model: nn.Module) -> list[tuple[str, SafetyMoE]]:
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, SafetyMoE)]
+__all__ = ["safety_moe_modules", "upcycled_layers", "upcycle_", "set_safety_temperature", "safety_temperature",
+           "set_kernel_preference", "routing_summary", "get_upcycle_config"]
 
 
 def upcycled_layers(model: nn.Module) -> list[int]:

@@ -20,7 +20,14 @@ import torch
 from .._config import SerialisableConfig
 from ..saving import atomic_file
 from .config import UpcycleConfig
+from .hf import routes_per_sequence
 from .model import safety_moe_modules, safety_temperature, upcycle_
+from .sequence import prompt_routes
+
+
+# the default τ of each routing, chosen on val (README): the largest safety on the unseen harmful val sets
+# whose ShareGPT val over-refusal stays <= 0.05 (`benchmarks/sequence_routing_val.py` for 'sequence')
+DEFAULT_TAU = {"sequence": 0.65, "token": 0.5}
 
 
 @dataclass
@@ -39,12 +46,17 @@ class DemoConfig(SerialisableConfig):
     num_safety_experts: int = 1
     top_k: int = 1
     router_grad: str = field(default="straight_through", metadata={"help": "UpcycleConfig.router_grad"})
+    routing: str = field(default="sequence", metadata={"help": "UpcycleConfig.routing: 'sequence' (one decision "
+                                                                "per request; chosen on val) or 'token'"})
+    sequence_l2: float = field(default=0.3, metadata={"help": "routing='sequence': L2 of the router fit (chosen on val)"})
     augment: float = field(default=0.35, metadata={"help": "share of training prompts rewritten (train templates)"})
     stage1_prompts: int = field(default=256, metadata={"help": "harmful training prompts for stage 1"})
     stage1_epochs: float = 1.0
     stage1_lr: float = 2e-4
-    stage2_harmful: int = field(default=256, metadata={"help": "harmful training prompts for stage 2"})
-    stage2_benign: int = field(default=320, metadata={"help": "benign training prompts for stage 2"})
+    stage2_harmful: int | None = field(default=None, metadata={"help": "harmful training prompts for stage 2 (None: "
+                                                                      "391 = all with 'sequence', 256 with 'token')"})
+    stage2_benign: int | None = field(default=None, metadata={"help": "benign training prompts for stage 2 (None: "
+                                                                     "391 with 'sequence', 320 with 'token')"})
     stage2_epochs: float = 1.5
     stage2_lr: float = 1e-3
     sup_tokens: int | None = field(default=4, metadata={"help": "router supervised on the header + this many "
@@ -56,8 +68,9 @@ class DemoConfig(SerialisableConfig):
     sweep_prompts: int = field(default=16, metadata={"help": "prompts per set in the τ sweep"})
     max_new_tokens: int = 32
     gen_batch_size: int = 32
-    default_tau: float = field(default=0.5, metadata={"help": "the τ the table reports (chosen on val)"})
-    taus: tuple = (0.0, 0.25, 0.5, 0.75, 1.0)
+    default_tau: float | None = field(default=None, metadata={"help": "the τ the table reports, chosen on val (None: "
+                                                                     "0.65 with routing='sequence', 0.5 with 'token')"})
+    taus: tuple = (0.0, 0.25, 0.5, 0.65, 0.75, 1.0)
     seed: int = 0
     save_model: bool = True
     device: str = field(default="cpu", metadata={"help": "cpu, cuda, cuda:N or auto (upsafe_ext.models.load)"})
@@ -66,12 +79,24 @@ class DemoConfig(SerialisableConfig):
     @classmethod
     def quick(cls, **overrides) -> "DemoConfig":
         """Fewer prompts and steps (the numbers are noisier); see the README for its wall time."""
-        base = dict(stage1_prompts=128, stage2_harmful=128, stage2_benign=160, stage2_epochs=2.0, eval_harmful=24,
-                    eval_benign=24, eval_base=12, sweep_prompts=12, taus=(0.0, 0.5, 1.0))
+        routing = overrides.get("routing", cls.__dataclass_fields__["routing"].default)
+        tau = overrides.get("default_tau") or DEFAULT_TAU[routing]
+        base = dict(stage1_prompts=128, stage2_epochs=2.0, eval_harmful=24, eval_benign=24, eval_base=12,
+                    sweep_prompts=12, taus=(0.0, tau, 1.0))
+        if routing == "token":  # stage 2 trains by SGD on generated answers: fewer prompts
+            base |= dict(stage2_harmful=128, stage2_benign=160)
         return cls(**(base | overrides))
 
     def __post_init__(self):
         self.taus = tuple(self.taus)  # JSON gives a list back
+        if self.routing not in DEFAULT_TAU:
+            raise ValueError(f"DemoConfig.routing must be 'token' or 'sequence', got {self.routing!r}")
+        if self.default_tau is None:
+            self.default_tau = DEFAULT_TAU[self.routing]
+        for name, sizes in (("stage2_harmful", {"sequence": 391, "token": 256}),
+                            ("stage2_benign", {"sequence": 391, "token": 320})):
+            if getattr(self, name) is None:
+                setattr(self, name, sizes[self.routing])
         if not 0 < self.layer_fraction <= 1:
             raise ValueError(f"DemoConfig.layer_fraction must be in (0, 1], got {self.layer_fraction}")
         for name in ("scan_prompts", "stage1_prompts", "stage2_harmful", "stage2_benign", "max_new_tokens",
@@ -110,8 +135,17 @@ def evaluate_at(model, tokenizer, sets, *, tau: float, kl_prompts: Sequence[str]
                 with safety_temperature(model, 0.0):
                     return model(input_ids=input_ids, attention_mask=attention_mask).logits
 
-            out["kl_benign"] = mean_kl(model, reference, tokenizer, [chat(p) for p in kl_prompts], base_answers,
-                                       progress=progress)
+            convs = [chat(p) for p in kl_prompts]
+            if not routes_per_sequence(model):
+                out["kl_benign"] = mean_kl(model, reference, tokenizer, convs, base_answers, progress=progress)
+            else:  # a prompt not routed to the safety experts is the base model: KL exactly 0 on its tokens
+                routes = prompt_routes(model, tokenizer, kl_prompts, tau, progress=progress)
+                with safety_temperature(model, 1.0):
+                    _, per = mean_kl(model, reference, tokenizer, convs, base_answers, progress=progress,
+                                     return_per_token=True)
+                tokens = sum(len(k) for k in per)
+                out["kl_benign"] = sum(float(k.sum()) for k, r in zip(per, routes.tolist()) if r) / max(tokens, 1)
+                out["routed_benign"] = float(routes.mean())
     out["seconds"] = round(time.time() - t0, 1)
     return out
 
@@ -223,18 +257,21 @@ def run_demo(cfg: DemoConfig | None = None, progress: bool = True, model=None, t
     say(f"[demo] scan: upcycling layers {layers}")
 
     upcycle_(model, UpcycleConfig(layers=layers, num_safety_experts=cfg.num_safety_experts, top_k=cfg.top_k,
-                                  router_grad=cfg.router_grad))
+                                  router_grad=cfg.router_grad, routing=cfg.routing))
     n_h = max(cfg.stage1_prompts, cfg.stage2_harmful)
     h_train, b_train = training_mix(n_h, cfg.stage2_benign, augment=cfg.augment)
     s1 = stage1(model, tokenizer, h_train[: cfg.stage1_prompts], lr=cfg.stage1_lr, epochs=cfg.stage1_epochs,
                 batch_size=cfg.batch_size, seed=cfg.seed, progress=progress)
     say(f"[demo] stage 1: loss {s1[0]['loss']:.3f} -> {s1[-1]['loss']:.3f} over {len(s1)} steps")
-    with safety_temperature(model, 0.0):
-        b_answers = generate_chat(model, tokenizer, [chat(p) for p in b_train], **gen)
+    b_answers = None
+    if cfg.routing == "token":  # sequence routing fits the routers on the prompts alone
+        with safety_temperature(model, 0.0):
+            b_answers = generate_chat(model, tokenizer, [chat(p) for p in b_train], **gen)
     s2 = stage2(model, tokenizer, h_train[: cfg.stage2_harmful], b_train, benign_responses=b_answers,
                 lr=cfg.stage2_lr, epochs=cfg.stage2_epochs, batch_size=cfg.batch_size, sup_tokens=cfg.sup_tokens,
-                seed=cfg.seed, progress=progress)
-    say(f"[demo] stage 2: router loss {s2[0]['extra_loss']:.3f} -> {s2[-1]['extra_loss']:.3f} over {len(s2)} steps")
+                sequence_l2=cfg.sequence_l2, seed=cfg.seed, progress=progress)
+    say(f"[demo] stage 2: router loss {s2[0]['extra_loss']:.3f} -> {s2[-1]['extra_loss']:.3f} over {len(s2)} steps"
+        + (" (routing per sequence: one closed-form fit)" if cfg.routing == "sequence" else ""))
     report["training"] = {"stage1": s1, "stage2": s2}
     report["training_steps"] = [len(s1), len(s2)]
 
@@ -266,7 +303,8 @@ def format_report(report: dict) -> str:
 
     cfg = report["config"]
     tau = cfg["default_tau"]
-    lines = [f"UpSafe°C on {report.get('model', 'the model')} (upcycled layers {report['scan']['layers']}), "
+    lines = [f"UpSafe°C on {report.get('model', 'the model')} (upcycled layers {report['scan']['layers']}, routing per "
+             f"{cfg.get('routing', 'token')}), "
              f"{cfg['split']} sets, greedy, {cfg['max_new_tokens']} new tokens, keyword judge (accuracy "
              f"{report['judge']['accuracy']:.3f} on PyRIT's labels). Share refused, 95% Wilson interval:",
              format_sets_table({f"base (n={cfg['eval_base']}/set)": list(report["base"].values()),

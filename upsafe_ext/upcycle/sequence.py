@@ -1,0 +1,210 @@
+"""Per-sequence routing (``UpcycleConfig(routing="sequence")``, ours): one decision per request.
+
+With per-token routing (the paper) every upcycled layer decides for every token, during the prompt and
+during the reply. On SmolLM2 that decided worse than a single linear read-out of the base model at the
+generation position (``benchmarks/probe_separability.py``): once a few positions of an ordinary request
+go to the safety expert, the refusal feeds itself. Sequence routing takes that one decision:
+
+* **Score.** The base model (τ=0) runs over the prompt; at the generation position (the last prompt token,
+  where the first reply token is predicted) each upcycled layer's router reads its own input, and the score is
+  the mean over layers of (log-sum-exp of the safety logits - the original MLP's logit) / router temperature.
+* **Decision.** ``score + log(τ/(1-τ)) > 0``: the whole sequence (prompt and reply) goes through the safety
+  experts (τ=1 for that sequence); otherwise through the original MLP (τ=0, exactly the base model). τ=0
+  never and τ=1 always route to the safety experts, and the share routed can only grow with τ.
+* **Training.** Stage 1 is unchanged (the safety experts learn refusals at τ=1). The routers are fitted
+  jointly as one logistic probe on the concatenated router inputs at the generation position
+  (:func:`fit_sequence_routers`), so "the mean over layers of the router scores" is exactly that probe.
+
+``UpsafeForCausalLM.generate`` takes the decision itself (one extra forward over the prompt, stopped after
+the last upcycled layer) and passes one τ ∈ {0, 1} per sequence to the calls it makes; ``forward`` without a
+cache decides at the last attended position of its input. Teacher-forced prompt+reply inputs must get their
+decision from the prompt: ``model(..., safety_temperature=sequence_routes(model, prompt_ids, prompt_mask))``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from ..train.chat import chat, encode_prompts, left_pad, pad_token_id
+from .layer import current_tau, request_safety_temperature, request_tau, safety_moe_modules
+
+__all__ = ["generation_positions", "router_inputs", "sequence_scores", "sequence_routes", "is_pure_tau",
+           "prompt_router_inputs", "prompt_routes", "fit_sequence_routers", "set_sequence_routers"]
+
+
+class _Stop(Exception):
+    """Raised by the hook of the last SafetyMoE: nothing after it is needed for the decision."""
+
+
+def generation_positions(attention_mask: Tensor) -> Tensor:
+    """``[B]`` index of the last attended position of every row (the generation position of a prompt,
+    with left or right padding)."""
+    if attention_mask.dim() != 2:
+        raise ValueError(f"generation_positions: `attention_mask` must be [batch, seq], got {tuple(attention_mask.shape)}")
+    m = attention_mask.bool()
+    if not bool(m.any(-1).all()):
+        raise ValueError("generation_positions: a row of `attention_mask` attends to nothing")
+    return m.shape[1] - 1 - m.flip(-1).long().argmax(-1)
+
+
+def _modules(model):
+    mods = [m for _, m in safety_moe_modules(model)]
+    if not mods:
+        raise ValueError("sequence routing: the model has no SafetyMoE layers (call upcycle_ first)")
+    return mods
+
+
+@torch.no_grad()
+def router_inputs(model, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+    """``[B, L, H]`` fp32: the input of each of the L SafetyMoE layers at every row's generation position,
+    computed by the base model (τ=0). The forward stops after the last SafetyMoE layer."""
+    mods = _modules(model)
+    if input_ids.dim() != 2:
+        raise ValueError(f"router_inputs: `input_ids` must be [batch, seq], got {tuple(input_ids.shape)}")
+    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(input_ids.device)
+    if mask.shape != input_ids.shape:
+        raise ValueError(f"router_inputs: `attention_mask` {tuple(mask.shape)} does not match `input_ids` "
+                         f"{tuple(input_ids.shape)}")
+    pos = generation_positions(mask)
+    rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+    got: dict[int, Tensor] = {}
+
+    def hook(i):
+        def fn(module, args):
+            got[i] = args[0][rows, pos].float()
+            if len(got) == len(mods):
+                raise _Stop
+        return fn
+
+    hooks = [m.register_forward_pre_hook(hook(i)) for i, m in enumerate(mods)]
+    position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)  # as generate numbers a left-padded prompt
+    try:
+        with request_safety_temperature(0.0):
+            model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False)
+    except _Stop:
+        pass
+    finally:
+        for h in hooks:
+            h.remove()
+    if len(got) != len(mods):
+        raise ValueError(f"router_inputs: only {len(got)} of {len(mods)} SafetyMoE layers ran in the forward")
+    return torch.stack([got[i] for i in range(len(mods))], dim=1)
+
+
+def scores_from_inputs(model, x: Tensor) -> Tensor:
+    """``[B]`` sequence scores from ``router_inputs`` (see the module docstring)."""
+    out = []
+    for i, m in enumerate(_modules(model)):
+        logits = m.router(x[:, i].to(m.router.weight.dtype)).float() / m.router_temperature
+        out.append(torch.logsumexp(logits[:, 1:], dim=-1) - logits[:, 0])
+    return torch.stack(out, dim=1).mean(1)
+
+
+@torch.no_grad()
+def sequence_scores(model, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+    """``[B]`` fp32: how strongly the routers send each prompt to the safety experts (> 0 at τ=0.5)."""
+    return scores_from_inputs(model, router_inputs(model, input_ids, attention_mask))
+
+
+def is_pure_tau(tau) -> bool:
+    """True when τ needs no decision: 0 or 1, or a per-sequence tensor of only 0s and 1s."""
+    if isinstance(tau, Tensor):
+        return bool(((tau == 0) | (tau == 1)).all())
+    return tau is not None and float(tau) in (0.0, 1.0)
+
+
+@torch.no_grad()
+def sequence_routes(model, input_ids: Tensor, attention_mask: Tensor | None = None, tau=None) -> Tensor:
+    """``[B]`` float64 of 0.0 (original MLP) and 1.0 (safety experts): the decision for each prompt at
+    safety temperature ``tau`` (a float or one per sequence; None = the τ in effect: the call's, else the
+    model's default). Pass it as ``safety_temperature=`` to the forward calls of those sequences."""
+    mods = _modules(model)
+    tau = current_tau(mods[0]) if tau is None else tau
+    t = request_tau(tau, input_ids.shape[0], input_ids.device, name="tau")
+    t = torch.full((input_ids.shape[0],), t, dtype=torch.float64, device=input_ids.device) if not isinstance(t, Tensor) else t
+    if is_pure_tau(t):
+        return t.clone()
+    with torch.no_grad():
+        bias = torch.log(t) - torch.log1p(-t)  # -inf at 0, +inf at 1
+    score = sequence_scores(model, input_ids, attention_mask).double().to(t.device)
+    return (score + bias > 0).double()
+
+
+@torch.no_grad()
+def prompt_router_inputs(model, tokenizer, prompts: Sequence[str], *, system: str | None = None,
+                         batch_size: int = 16, max_length: int = 256, progress: bool = True) -> Tensor:
+    """``router_inputs`` of one-turn chats (rendered and left-padded as generation does): ``[n, L, H]``."""
+    from tqdm.auto import tqdm
+
+    device = next(model.parameters()).device
+    ids = [p[-max_length:] for p in encode_prompts(tokenizer, [chat(p, system) for p in prompts])]
+    pad = pad_token_id(tokenizer, model)
+    out = []
+    was = model.training
+    model.eval()
+    try:
+        for i in tqdm(range(0, len(ids), batch_size), desc="router inputs", disable=not progress, leave=False):
+            x, mask = left_pad(ids[i: i + batch_size], pad)
+            out.append(router_inputs(model, x.to(device), mask.to(device)).cpu())
+    finally:
+        model.train(was)
+    return torch.cat(out) if out else torch.empty(0)
+
+
+@torch.no_grad()
+def prompt_routes(model, tokenizer, prompts: Sequence[str], tau, *, system: str | None = None,
+                  batch_size: int = 16, progress: bool = True) -> Tensor:
+    """``[n]`` float64 0/1: the decision for one-turn chats at safety temperature ``tau`` (a float)."""
+    from .config import check_safety_temperature
+
+    tau = check_safety_temperature(tau, "prompt_routes: `tau`")
+    if tau in (0.0, 1.0):
+        return torch.full((len(prompts),), tau, dtype=torch.float64)
+    x = prompt_router_inputs(model, tokenizer, prompts, system=system, batch_size=batch_size, progress=progress)
+    score = scores_from_inputs(model, x.to(next(model.parameters()).device)).double().cpu()
+    return (score + math.log(tau / (1 - tau)) > 0).double()
+
+
+@torch.no_grad()
+def fit_sequence_routers(model, tokenizer, harmful: Sequence[str], benign: Sequence[str], *, l2: float = 0.1,
+                         system: str | None = None, batch_size: int = 16, max_length: int = 256,
+                         progress: bool = True) -> dict:
+    """Fit every router for sequence routing: one logistic probe (``scan.fit_probe_params``, L2 ``l2`` on
+    standardised features) on the concatenated router inputs at the generation position of `harmful`
+    (label 1) and `benign` (label 0) prompts, split across the layers so that the sequence score is that
+    probe's logit. Returns {"n_harmful", "n_benign", "train_accuracy", "train_bce"}."""
+    harmful, benign = list(harmful), list(benign)
+    if not harmful or not benign:
+        raise ValueError(f"fit_sequence_routers: needs harmful and benign prompts, got {len(harmful)} and {len(benign)}")
+    x = prompt_router_inputs(model, tokenizer, harmful + benign, system=system, batch_size=batch_size,
+                             max_length=max_length, progress=progress)
+    y = torch.tensor([1.0] * len(harmful) + [0.0] * len(benign))
+    return {"n_harmful": len(harmful), "n_benign": len(benign), **set_sequence_routers(model, x, y, l2)}
+
+
+@torch.no_grad()
+def set_sequence_routers(model, x: Tensor, y: Tensor, l2: float = 0.1) -> dict:
+    """The fit of :func:`fit_sequence_routers` from router inputs ``x [n, L, H]`` (``prompt_router_inputs``)
+    and labels ``y [n]`` (1 = harmful). Sets every router; returns {"train_accuracy", "train_bce"}."""
+    from .scan import fit_probe_params
+
+    mods = _modules(model)
+    if x.dim() != 3 or x.shape[1] != len(mods) or y.shape != (x.shape[0],):
+        raise ValueError(f"set_sequence_routers: `x` must be [n, {len(mods)} layers, H] and `y` [n], got "
+                         f"{tuple(x.shape)} and {tuple(y.shape)}")
+    L, H = x.shape[1], x.shape[2]
+    w, b = fit_probe_params(x.reshape(len(y), L * H), y.float(), l2=l2)
+    for i, m in enumerate(mods):
+        n_safety = m.router.weight.shape[0] - 1
+        m.router.weight.zero_()
+        m.router.bias.zero_()
+        # mean over layers of (logsumexp of n identical safety logits - 0) = sum_i w_i.x_i + b
+        m.router.weight[1:] = (L * m.router_temperature * w[i * H:(i + 1) * H]).to(m.router.weight)
+        m.router.bias[1:] = m.router_temperature * (float(b) - math.log(n_safety))
+    score = scores_from_inputs(model, x.to(mods[0].router.weight.device)).cpu()
+    y = y.float().cpu()
+    return {"train_accuracy": float(((score > 0).float() == y).float().mean()),
+            "train_bce": float(torch.nn.functional.binary_cross_entropy_with_logits(score, y))}
