@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -28,7 +27,7 @@ from upsafe_ext.eval.protocol import protocol_sets, training_mix  # noqa: E402
 from upsafe_ext.models import load  # noqa: E402
 from upsafe_ext.upcycle import safety_moe_modules, safety_temperature  # noqa: E402
 from upsafe_ext.upcycle.config import CONFIG_KEY  # noqa: E402
-from upsafe_ext.upcycle.sequence import prompt_router_inputs, scores_from_inputs, set_sequence_routers  # noqa: E402
+from upsafe_ext.upcycle.sequence import decide, prompt_router_inputs, scores_from_inputs, set_sequence_routers  # noqa: E402
 
 TAUS = (0.3, 0.5, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9)
 # (harmful, benign training prompts, L2); a first run also tried 391 / 1200 (L2 0.1 and 1.0) and 391 / 3000:
@@ -79,7 +78,7 @@ def main(argv=None) -> int:
         score = scores_from_inputs(model, x_val).double()
         row = {"n_harmful": nh, "n_benign": nb, "l2": l2, **fit, "taus": {}}
         for tau in TAUS:
-            route = (score + math.log(tau / (1 - tau)) > 0).tolist()
+            route = decide(score, torch.full_like(score, tau)).bool().tolist()
             at, per = 0, {}
             for s in sets:
                 k = len(s.prompts)

@@ -197,6 +197,7 @@ def test_demo_end_to_end_on_a_tiny_model_routes_per_sequence(tmp_path):
     """run_demo's plumbing with routing='sequence' (scan, upcycle, stage 1, the closed-form stage 2, the
     protocol, the sweep with the KL of routed prompts only, the save) on a tiny random model."""
     from upsafe_ext.upcycle import DemoConfig, load_upcycled, run_demo
+    from upsafe_ext.upcycle.pipeline import format_report
 
     model, tok = tiny_causal_lm("llama"), tiny_tokenizer()
     cfg = DemoConfig(out_dir=str(tmp_path), split="val", scan_prompts=8, layer_fraction=0.5, stage1_prompts=8,
@@ -208,5 +209,7 @@ def test_demo_end_to_end_on_a_tiny_model_routes_per_sequence(tmp_path):
     kl = {r["tau"]: r["kl_benign"] for r in report["sweep"]}
     routed = {r["tau"]: r["routed_benign"] for r in report["sweep"]}
     assert kl[0.0] == 0.0 and routed[0.0] == 0.0 and routed[1.0] == 1.0 and kl[1.0] > 0
+    assert all(0 <= v["routed"] <= 1 and 0 <= v["refused_not_routed"] <= v["n"] for v in report["after"].values())
+    assert "Routed to the safety experts at τ=0.65" in format_report(report)
     loaded = load_upcycled(report["model_dir"])
     assert [m.routing for _, m in safety_moe_modules(loaded)] == ["sequence"] * 2

@@ -279,6 +279,15 @@ def run_demo(cfg: DemoConfig | None = None, progress: bool = True, model=None, t
     with safety_temperature(model, cfg.default_tau):
         main_rows = evaluate_sets(model, tokenizer, main_sets, **gen)
     report["after"] = _rates(main_rows)
+    if cfg.routing == "sequence":  # which refusals the routing caused, and which are the base model's own
+        from ..eval.judge import RefusalJudge
+
+        judge = RefusalJudge()
+        for r in main_rows:
+            routes = prompt_routes(model, tokenizer, [p for p, _ in r["replies"]], cfg.default_tau, progress=False)
+            report["after"][r["name"]]["routed"] = float(routes.mean())
+            report["after"][r["name"]]["refused_not_routed"] = sum(
+                1 for (_, reply), z in zip(r["replies"], routes.tolist()) if not z and judge(reply))
     report["examples"] = {r["name"]: r["replies"][:3] for r in main_rows}
     with atomic_file(os.path.join(cfg.out_dir, "replies.jsonl")) as tmp, open(tmp, "w") as f:  # for a second look
         for r in main_rows:
@@ -309,6 +318,10 @@ def format_report(report: dict) -> str:
              f"{report['judge']['accuracy']:.3f} on PyRIT's labels). Share refused, 95% Wilson interval:",
              format_sets_table({f"base (n={cfg['eval_base']}/set)": list(report["base"].values()),
                                 f"τ={tau:g}": list(report["after"].values())})]
+    if all("routed" in v for v in report["after"].values()):
+        lines.append(f"Routed to the safety experts at τ={tau:g} (refusals by the base model itself, not routed): "
+                     + ", ".join(f"{n} {v['routed']:.2f} ({v['refused_not_routed']})"
+                                 for n, v in report["after"].items()))
     lines.append("τ sweep (" + ", ".join(SWEEP_SETS) + "; KL to base in nats/token):")
     for row in report["sweep"]:
         lines.append(f"  τ={row['tau']:g}: " + ", ".join(f"{row['sets'][n]['rate']:.2f}" for n in SWEEP_SETS

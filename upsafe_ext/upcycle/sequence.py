@@ -31,7 +31,7 @@ from torch import Tensor
 from ..train.chat import chat, encode_prompts, left_pad, pad_token_id
 from .layer import current_tau, request_safety_temperature, request_tau, safety_moe_modules
 
-__all__ = ["generation_positions", "router_inputs", "sequence_scores", "sequence_routes", "is_pure_tau",
+__all__ = ["generation_positions", "router_inputs", "sequence_scores", "sequence_routes", "decide", "is_pure_tau",
            "prompt_router_inputs", "prompt_routes", "fit_sequence_routers", "set_sequence_routers"]
 
 
@@ -122,15 +122,19 @@ def sequence_routes(model, input_ids: Tensor, attention_mask: Tensor | None = No
     safety temperature ``tau`` (a float or one per sequence; None = the τ in effect: the call's, else the
     model's default). Pass it as ``safety_temperature=`` to the forward calls of those sequences."""
     mods = _modules(model)
-    tau = current_tau(mods[0]) if tau is None else tau
-    t = request_tau(tau, input_ids.shape[0], input_ids.device, name="tau")
-    t = torch.full((input_ids.shape[0],), t, dtype=torch.float64, device=input_ids.device) if not isinstance(t, Tensor) else t
+    batch = input_ids.shape[0]
+    t = request_tau(current_tau(mods[0]) if tau is None else tau, batch, input_ids.device, name="tau")
+    if not isinstance(t, Tensor):
+        t = torch.full((batch,), t, dtype=torch.float64, device=input_ids.device)
     if is_pure_tau(t):
         return t.clone()
-    with torch.no_grad():
-        bias = torch.log(t) - torch.log1p(-t)  # -inf at 0, +inf at 1
-    score = sequence_scores(model, input_ids, attention_mask).double().to(t.device)
-    return (score + bias > 0).double()
+    return decide(sequence_scores(model, input_ids, attention_mask), t)
+
+
+def decide(score: Tensor, tau: Tensor) -> Tensor:
+    """``[B]`` float64 1.0 where ``score + log(τ/(1-τ)) > 0`` (τ per sequence, float64), else 0.0."""
+    bias = torch.log(tau) - torch.log1p(-tau)  # -inf at τ=0, +inf at τ=1
+    return (score.double().to(tau.device) + bias > 0).double()
 
 
 @torch.no_grad()
@@ -161,11 +165,11 @@ def prompt_routes(model, tokenizer, prompts: Sequence[str], tau, *, system: str 
     from .config import check_safety_temperature
 
     tau = check_safety_temperature(tau, "prompt_routes: `tau`")
-    if tau in (0.0, 1.0):
+    if tau in (0.0, 1.0):  # no decision to take: skip the forward passes
         return torch.full((len(prompts),), tau, dtype=torch.float64)
     x = prompt_router_inputs(model, tokenizer, prompts, system=system, batch_size=batch_size, progress=progress)
-    score = scores_from_inputs(model, x.to(next(model.parameters()).device)).double().cpu()
-    return (score + math.log(tau / (1 - tau)) > 0).double()
+    score = scores_from_inputs(model, x.to(next(model.parameters()).device)).cpu()
+    return decide(score, torch.full((len(prompts),), tau, dtype=torch.float64))
 
 
 @torch.no_grad()
