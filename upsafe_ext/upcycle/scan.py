@@ -130,12 +130,13 @@ def _fit(x, y, l2, max_iter):
 
 
 @torch.no_grad()
-def last_token_states(model, tokenizer, prompts: Sequence[str], *, system: str | None = None, batch_size: int = 16,
-                      max_length: int = 256, progress: bool = True, desc: str = "scan") -> torch.Tensor:
-    """[n_prompts, num_layers, H] fp32 last-token hidden states after each decoder layer.
+def map_prompts(model, tokenizer, prompts: Sequence[str], fn, *, system: str | None = None, batch_size: int = 16,
+                max_length: int = 256, progress: bool = True, desc: str = "prompts") -> torch.Tensor:
+    """``fn(input_ids, attention_mask) -> [b, ...]`` over batches of one-turn chats, concatenated on the CPU.
 
-    Prompts are rendered and left-padded by ``upsafe_ext.train.chat`` (as training and generation do);
-    a prompt longer than `max_length` tokens keeps its last `max_length` (the generation prompt)."""
+    Prompts are rendered and left-padded by ``upsafe_ext.train.chat`` (as training and generation do); a
+    prompt longer than `max_length` tokens keeps its last `max_length` (the generation prompt). The model
+    runs in eval mode and is put back as it was."""
     from tqdm.auto import tqdm
 
     device = next(model.parameters()).device
@@ -147,13 +148,24 @@ def last_token_states(model, tokenizer, prompts: Sequence[str], *, system: str |
     try:
         for i in tqdm(range(0, len(ids), batch_size), desc=desc, disable=not progress, leave=False):
             x, mask = left_pad(ids[i: i + batch_size], pad)
-            pos = (mask.cumsum(-1) - 1).clamp(min=0)  # padded rows see the positions of their unpadded selves
-            hs = model(input_ids=x.to(device), attention_mask=mask.to(device), position_ids=pos.to(device),
-                       output_hidden_states=True).hidden_states  # (emb, layer 0, ..., layer L-1)
-            out.append(torch.stack([h[:, -1].float().cpu() for h in hs[1:]], dim=1))
+            out.append(fn(x.to(device), mask.to(device)).cpu())
     finally:
         model.train(was)
-    return torch.cat(out)
+    return torch.cat(out) if out else torch.empty(0)
+
+
+def last_token_states(model, tokenizer, prompts: Sequence[str], *, system: str | None = None, batch_size: int = 16,
+                      max_length: int = 256, progress: bool = True, desc: str = "scan") -> torch.Tensor:
+    """[n_prompts, num_layers, H] fp32 last-token hidden states after each decoder layer (``map_prompts``)."""
+
+    def states(x, mask):
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)  # padded rows see the positions of their unpadded selves
+        hs = model(input_ids=x, attention_mask=mask, position_ids=pos,
+                   output_hidden_states=True).hidden_states  # (emb, layer 0, ..., layer L-1)
+        return torch.stack([h[:, -1].float() for h in hs[1:]], dim=1)
+
+    return map_prompts(model, tokenizer, prompts, states, system=system, batch_size=batch_size,
+                       max_length=max_length, progress=progress, desc=desc)
 
 
 def scan_safety_layers(model, tokenizer, harmful: Sequence[str], benign: Sequence[str], *, val_fraction: float = 0.3,

@@ -28,8 +28,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from ..train.chat import chat, encode_prompts, left_pad, pad_token_id
 from .layer import current_tau, request_safety_temperature, request_tau, safety_moe_modules
+from .scan import fit_probe_params, map_prompts
 
 __all__ = ["generation_positions", "router_inputs", "sequence_scores", "sequence_routes", "decide", "is_pure_tau",
            "prompt_router_inputs", "prompt_routes", "fit_sequence_routers", "set_sequence_routers"]
@@ -141,21 +141,8 @@ def decide(score: Tensor, tau: Tensor) -> Tensor:
 def prompt_router_inputs(model, tokenizer, prompts: Sequence[str], *, system: str | None = None,
                          batch_size: int = 16, max_length: int = 256, progress: bool = True) -> Tensor:
     """``router_inputs`` of one-turn chats (rendered and left-padded as generation does): ``[n, L, H]``."""
-    from tqdm.auto import tqdm
-
-    device = next(model.parameters()).device
-    ids = [p[-max_length:] for p in encode_prompts(tokenizer, [chat(p, system) for p in prompts])]
-    pad = pad_token_id(tokenizer, model)
-    out = []
-    was = model.training
-    model.eval()
-    try:
-        for i in tqdm(range(0, len(ids), batch_size), desc="router inputs", disable=not progress, leave=False):
-            x, mask = left_pad(ids[i: i + batch_size], pad)
-            out.append(router_inputs(model, x.to(device), mask.to(device)).cpu())
-    finally:
-        model.train(was)
-    return torch.cat(out) if out else torch.empty(0)
+    return map_prompts(model, tokenizer, prompts, lambda x, mask: router_inputs(model, x, mask), system=system,
+                       batch_size=batch_size, max_length=max_length, progress=progress, desc="router inputs")
 
 
 @torch.no_grad()
@@ -193,8 +180,6 @@ def fit_sequence_routers(model, tokenizer, harmful: Sequence[str], benign: Seque
 def set_sequence_routers(model, x: Tensor, y: Tensor, l2: float = 0.1) -> dict:
     """The fit of :func:`fit_sequence_routers` from router inputs ``x [n, L, H]`` (``prompt_router_inputs``)
     and labels ``y [n]`` (1 = harmful). Sets every router; returns {"train_accuracy", "train_bce"}."""
-    from .scan import fit_probe_params
-
     mods = _modules(model)
     if x.dim() != 3 or x.shape[1] != len(mods) or y.shape != (x.shape[0],):
         raise ValueError(f"set_sequence_routers: `x` must be [n, {len(mods)} layers, H] and `y` [n], got "
