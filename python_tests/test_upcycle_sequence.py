@@ -213,3 +213,21 @@ def test_demo_end_to_end_on_a_tiny_model_routes_per_sequence(tmp_path):
     assert "Routed to the safety experts at τ=0.65" in format_report(report)
     loaded = load_upcycled(report["model_dir"])
     assert [m.routing for _, m in safety_moe_modules(loaded)] == ["sequence"] * 2
+
+
+def test_cli_upcycle_train_eval_with_routing_per_sequence(tmp_path, capsys):
+    import json
+
+    from upsafe_ext import cli
+
+    up, trained = tmp_path / "up", tmp_path / "trained"
+    assert cli.main(["upcycle", "--model", "tiny", "--layers", "1,3", "--routing", "sequence", "--out", str(up)]) == 0
+    assert json.load(open(up / "config.json"))["upsafe_upcycle"]["routing"] == "sequence"
+    assert cli.main(["train", "--model", str(up), "--n-harmful", "8", "--n-benign", "8", "--steps", "1",
+                     "--out", str(trained)]) == 0
+    capsys.readouterr()
+    model = AutoModelForCausalLM.from_pretrained(trained)
+    assert all(float(m.router.weight[1:].detach().abs().sum()) > 0 for _, m in safety_moe_modules(model))  # stage 2 fitted
+    assert cli.main(["eval", "--model", str(trained), "--split", "val", "--n-harmful", "2", "--n-benign", "2",
+                     "--kl-prompts", "2", "--max-new-tokens", "2", "--tau", "0.65"]) == 0
+    assert "τ=0.65" in capsys.readouterr().out
