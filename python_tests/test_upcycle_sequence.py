@@ -153,6 +153,14 @@ def test_a_call_continuing_a_cache_needs_an_explicit_route(model, tok):
         model(input_ids=ids[:, -1:], past_key_values=out.past_key_values, safety_temperature=torch.zeros(1))
 
 
+def test_embeddings_alone_cannot_be_routed_without_an_explicit_route(model, tok):
+    ids, mask = batch(tok, [BENIGN[0]])
+    emb = model.get_input_embeddings()(ids)
+    with pytest.raises(ValueError, match="input_ids"):
+        model.generate(inputs_embeds=emb, attention_mask=mask, **GEN)
+    model.generate(inputs_embeds=emb, attention_mask=mask, safety_temperature=[0.0], **GEN)  # explicit: fine
+
+
 def test_a_shared_tau_on_a_sequence_routed_layer_is_an_error(model):
     moe = safety_moe_modules(model)[0][1]
     with pytest.raises(ValueError, match="routes per sequence"):
