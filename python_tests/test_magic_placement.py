@@ -192,8 +192,8 @@ def test_smollm2_placement_registration_and_baseline_margin():
     """SmolLM2-135M-Instruct: the token goes through its own ChatML template (replacing the default
     system prompt the template injects), special-token registration grows the vocabulary with
     mean-initialised rows, and the untrained model's margin is the "ignores the token" value: exactly
-    -1/N with identical (mean) token rows, and near it with text tokens. The co-training run itself is
-    `python benchmarks/bench_magic.py --real` (minutes of CPU)."""
+    -1/N with identical (mean) token rows, and near it with text tokens. The co-training run at real
+    scale is `python benchmarks/bench_magic_protocol.py` (an hour or more of CPU)."""
     from upsafe_ext.eval.prompts import benign_prompts, harmful_prompts
     from upsafe_ext.eval.real_model import load_smollm2
 
