@@ -1,12 +1,13 @@
 """Choose sequence routing's settings on val (UpcycleConfig(routing="sequence"); a tuning run, never test).
 
-    python benchmarks/sequence_routing_val.py --model DIR     # DIR: an upcycled SmolLM2 folder (stage 1 done)
+    python benchmarks/sequence_routing_val.py --model DIR     # DIR: a routing="sequence" SmolLM2 folder, stage 1 done
 
 With sequence routing a prompt's reply depends only on its route (τ=0: the base model; τ=1: the safety
 experts), so every val prompt is generated twice and judged twice, and the whole τ curve follows from the
 sequence scores: at τ the prompt is refused iff its reply on the route ``score + log(τ/(1-τ)) > 0`` is. For
 each router fit (training-mix sizes, L2) it writes the share refused per val set at every τ of the grid,
-with n and 95% Wilson intervals, to benchmarks/results/sequence_routing_val.{json,md}.
+with n and 95% Wilson intervals, to benchmarks/val/sequence_routing_val.{json,md} (committed: the record of
+the choice). The router fit reads only the base model, so stage 1 changes the τ=1 replies, not the routes.
 """
 from __future__ import annotations
 
@@ -25,14 +26,14 @@ from upsafe_ext.eval.judge import RefusalJudge  # noqa: E402
 from upsafe_ext.eval.metrics import wilson_interval  # noqa: E402
 from upsafe_ext.eval.protocol import protocol_sets, training_mix  # noqa: E402
 from upsafe_ext.models import load  # noqa: E402
-from upsafe_ext.upcycle import safety_moe_modules, safety_temperature  # noqa: E402
-from upsafe_ext.upcycle.config import CONFIG_KEY  # noqa: E402
+from upsafe_ext.upcycle import get_upcycle_config, safety_temperature  # noqa: E402
 from upsafe_ext.upcycle.sequence import decide, prompt_router_inputs, scores_from_inputs, set_sequence_routers  # noqa: E402
 
 TAUS = (0.3, 0.5, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9)
-# (harmful, benign training prompts, L2); a first run also tried 391 / 1200 (L2 0.1 and 1.0) and 391 / 3000:
-# more benign prompts lowered safety at every τ without lowering over-refusal below this fit's
-FITS = ((391, 391, 0.03), (391, 391, 0.1), (391, 391, 0.3), (256, 256, 0.1))
+# (harmful, benign training prompts, L2). Earlier runs, with the read-out at the generation position only
+# (val/sequence_routing_val_last_only*.json), also tried 391 / 1200 (L2 0.1 and 1.0) and 391 / 3000: more
+# benign prompts lowered safety at every τ without lowering over-refusal below the 391 / 391 fits
+FITS = ((391, 391, 0.1), (391, 391, 0.3), (391, 391, 1.0), (256, 256, 0.3))
 
 
 def main(argv=None) -> int:
@@ -40,22 +41,21 @@ def main(argv=None) -> int:
     ap.add_argument("--model", required=True)
     ap.add_argument("--n", type=int, default=48, help="prompts per val set")
     ap.add_argument("--max-new-tokens", type=int, default=32)
-    ap.add_argument("--out", default=os.path.join(HERE, "results"))
-    ap.add_argument("--cache", default=None, help="a .pt file keeping the judged replies and features between runs")
+    ap.add_argument("--out", default=os.path.join(HERE, "val"), help="default: benchmarks/val (the committed record)")
+    ap.add_argument("--cache", default=None, help="a .pt file keeping the judged replies between runs")
     args = ap.parse_args(argv)
     t0 = time.time()
     model, tok = load(args.model)
     model.eval()
-    model.config.__dict__[CONFIG_KEY]["routing"] = "sequence"
-    for _, m in safety_moe_modules(model):
-        m.routing = "sequence"
+    if get_upcycle_config(model).routing != "sequence":
+        raise SystemExit(f"{args.model}: upcycled with routing='token'; give a routing='sequence' folder "
+                         "(e.g. `upsafe demo --quick --split val`'s model)")
     sets = protocol_sets("val", n=args.n, n_benign=args.n)
     flat = [p for s in sets for p in s.prompts]
     judge = RefusalJudge()
     cached = torch.load(args.cache) if args.cache and os.path.exists(args.cache) else None
     if cached is not None and cached["prompts"] == flat:
-        refused, x_val, x_h, x_b = cached["refused"], cached["x_val"], cached["x_h"], cached["x_b"]
-        h_all, b_all = training_mix(None, max(f[1] for f in FITS))
+        refused = cached["refused"]
     else:
         refused = {}
         for tau in (0.0, 1.0):
@@ -64,12 +64,12 @@ def main(argv=None) -> int:
                                         batch_size=32, desc=f"val replies at τ={tau:g}")
             refused[tau] = [bool(judge(r)) for r in replies]
             print(f"generated at τ={tau:g}: {time.time() - t0:.0f} s", flush=True)
-        x_val = prompt_router_inputs(model, tok, flat)
-        h_all, b_all = training_mix(None, max(f[1] for f in FITS))
-        x_h = prompt_router_inputs(model, tok, h_all)
-        x_b = prompt_router_inputs(model, tok, b_all)
         if args.cache:
-            torch.save({"prompts": flat, "refused": refused, "x_val": x_val, "x_h": x_h, "x_b": x_b}, args.cache)
+            torch.save({"prompts": flat, "refused": refused}, args.cache)
+    x_val = prompt_router_inputs(model, tok, flat)
+    h_all, b_all = training_mix(None, max(f[1] for f in FITS))
+    x_h = prompt_router_inputs(model, tok, h_all)
+    x_b = prompt_router_inputs(model, tok, b_all)
     rows = []
     for nh, nb, l2 in FITS:
         # the fit of fit_sequence_routers, on features computed once

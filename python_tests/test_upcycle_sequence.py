@@ -66,7 +66,7 @@ def test_router_inputs_do_not_depend_on_left_padding(model, tok):
 def test_router_inputs_are_what_each_safety_moe_reads_from_the_base_model(model, tok):
     ids, mask = batch(tok, BENIGN)
     seen = {}
-    hooks = [m.register_forward_pre_hook(lambda mod, a, i=i: seen.__setitem__(i, a[0][:, -1].float()))
+    hooks = [m.register_forward_pre_hook(lambda mod, a, i=i: seen.__setitem__(i, a[0].float()))
              for i, (_, m) in enumerate(safety_moe_modules(model))]
     try:
         with torch.no_grad():
@@ -75,8 +75,28 @@ def test_router_inputs_are_what_each_safety_moe_reads_from_the_base_model(model,
     finally:
         for h in hooks:
             h.remove()
-    want = torch.stack([seen[i] for i in range(len(seen))], dim=1)
-    torch.testing.assert_close(router_inputs(model, ids, mask), want)
+    got = router_inputs(model, ids, mask)
+    for i in range(len(seen)):
+        torch.testing.assert_close(got[:, i, 0], seen[i][:, -1])  # the generation position (left padding)
+        for row in range(ids.shape[0]):  # the mean over the prompt's own (unpadded) positions
+            torch.testing.assert_close(got[row, i, 1], seen[i][row][mask[row].bool()].mean(0))
+
+
+def test_both_read_outs_count_in_the_score(model, tok):
+    """The score uses the pooled read-out too: zeroing `router_pool` changes it."""
+    ids, mask = batch(tok, HARMFUL[:2])
+    x = router_inputs(model, ids, mask)
+    full = scores_from_inputs(model, x)
+    pools = [m.router_pool.weight.detach().clone() for _, m in safety_moe_modules(model)]
+    try:
+        with torch.no_grad():
+            for _, m in safety_moe_modules(model):
+                m.router_pool.weight.zero_()
+        assert not torch.allclose(full, scores_from_inputs(model, x))
+    finally:
+        with torch.no_grad():
+            for (_, m), w in zip(safety_moe_modules(model), pools):
+                m.router_pool.weight.copy_(w)
 
 
 def test_score_is_the_joint_probe_logit(tok):
@@ -191,7 +211,7 @@ def test_demo_config_resolves_the_val_choices_per_routing():
     from upsafe_ext.upcycle.pipeline import DEFAULT_TAU
 
     seq, tok_ = DemoConfig(), DemoConfig(routing="token")
-    assert (seq.routing, seq.default_tau, seq.stage2_harmful, seq.stage2_benign) == ("sequence", 0.65, 391, 391)
+    assert (seq.routing, seq.default_tau, seq.stage2_harmful, seq.stage2_benign) == ("sequence", 0.75, 391, 391)
     assert (tok_.default_tau, tok_.stage2_harmful, tok_.stage2_benign) == (0.5, 256, 320)
     for routing, tau in DEFAULT_TAU.items():
         q = DemoConfig.quick(routing=routing)
@@ -210,7 +230,7 @@ def test_demo_end_to_end_on_a_tiny_model_routes_per_sequence(tmp_path):
     model, tok = tiny_causal_lm("llama"), tiny_tokenizer()
     cfg = DemoConfig(out_dir=str(tmp_path), split="val", scan_prompts=8, layer_fraction=0.5, stage1_prompts=8,
                      stage2_harmful=8, stage2_benign=8, eval_harmful=2, eval_benign=2, eval_base=1,
-                     sweep_prompts=2, max_new_tokens=3, taus=(0.0, 0.65, 1.0))
+                     sweep_prompts=2, max_new_tokens=3, taus=(0.0, 0.75, 1.0))
     report = run_demo(cfg, progress=False, model=model, tokenizer=tok)
     s2 = report["training"]["stage2"]
     assert len(s2) == 1 and s2[0]["n_harmful"] == 8 and s2[0]["n_benign"] == 8 and 0 <= s2[0]["train_bce"]
@@ -218,7 +238,7 @@ def test_demo_end_to_end_on_a_tiny_model_routes_per_sequence(tmp_path):
     routed = {r["tau"]: r["routed_benign"] for r in report["sweep"]}
     assert kl[0.0] == 0.0 and routed[0.0] == 0.0 and routed[1.0] == 1.0 and kl[1.0] > 0
     assert all(0 <= v["routed"] <= 1 and 0 <= v["refused_not_routed"] <= v["n"] for v in report["after"].values())
-    assert "Routed to the safety experts at τ=0.65" in format_report(report)
+    assert "Routed to the safety experts at τ=0.75" in format_report(report)
     loaded = load_upcycled(report["model_dir"])
     assert [m.routing for _, m in safety_moe_modules(loaded)] == ["sequence"] * 2
 

@@ -78,7 +78,8 @@ class UpSafeTrainConfig(SerialisableConfig):
         sup_coef (float): stage 2's router-supervision loss coefficient. Default 1.0.
         warm_start (bool): stage 2 starts every router from a logistic probe (ours). Default True.
         sequence_l2 (float): L2 of stage 2's router fit for ``routing="sequence"`` models (a logistic probe
-            on standardised features, ``upcycle.sequence.fit_sequence_routers``), > 0. Default 0.1.
+            on standardised features, ``upcycle.sequence.fit_sequence_routers``), > 0. Default 1.0 (chosen
+            on val, ``benchmarks/val/sequence_routing_val.md``).
         sup_tokens (int | None): supervise only the assistant header and this many response tokens
             (None: all). Default None.
         system (str | None): system prompt of every training conversation (None: the template's own;
@@ -108,7 +109,7 @@ class UpSafeTrainConfig(SerialisableConfig):
     stage2_lb_coef: float = field(default=0.0, metadata={"help": "stage 2 load balancing"})
     sup_coef: float = field(default=1.0, metadata={"help": "stage 2 router supervision"})
     warm_start: bool = field(default=True, metadata={"help": "stage 2: logistic-probe router initialisation"})
-    sequence_l2: float = field(default=0.1, metadata={"help": "stage 2 L2 for routing='sequence' models"})
+    sequence_l2: float = field(default=1.0, metadata={"help": "stage 2 L2 for routing='sequence' models"})
     sup_tokens: int | None = field(default=None, metadata={"help": "supervised response tokens (None: all)"})
     system: str | None = field(default=None, metadata={"help": "system prompt (None: the template's own)"})
     max_length: int = field(default=256, metadata={"help": "token limit per example"})

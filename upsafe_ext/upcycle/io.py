@@ -72,7 +72,7 @@ def adapter_state_dict(model) -> dict[str, torch.Tensor]:
     out = {}
     for mname, m in safety_moe_modules(model):
         for pname, p in m.named_parameters():
-            if pname.startswith("router.") or pname.startswith("safety_"):
+            if pname.startswith(("router.", "router_pool.", "safety_")):
                 out[f"{mname}.{pname}"] = p.detach().contiguous().clone()  # no shared storage in safetensors
     return out
 

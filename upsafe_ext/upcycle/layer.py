@@ -45,7 +45,7 @@ class SafetyMoE(nn.Module):
     """Drop-in replacement for a decoder layer's MLP (input/output ``[..., H]``).
 
     Parameters (names say what they are, for optimizers and adapters):
-      ``router.weight [E, H]``, ``router.bias [E]``;
+      ``router.weight [E, H]``, ``router.bias [E]`` (+ ``router_pool.weight [E, H]`` with routing="sequence");
       ``general_in_proj [1, 2I|I, H]``, ``general_out_proj [1, H, I]`` (+ ``general_in_bias``,
       ``general_out_bias`` for biased MLPs) — the original MLP, frozen unless ``train_general``;
       ``safety_in_proj [N, 2I|I, H]``, ``safety_out_proj [N, H, I]`` (+ biases) — the safety experts.
@@ -72,10 +72,15 @@ class SafetyMoE(nn.Module):
         self.routing = config.routing
         dt, dev = base.w_in.dtype, base.w_in.device
         self.router = nn.Linear(H, E, bias=True, dtype=dt, device=dev)
+        # routing="sequence" (ours): the one decision per request also reads the mean of this layer's input
+        # over the prompt (see upsafe_ext.upcycle.sequence); per-token routing has no such weight
+        self.router_pool = nn.Linear(H, E, bias=False, dtype=dt, device=dev) if config.routing == "sequence" else None
         with torch.no_grad():
             self.router.weight.zero_()
             self.router.bias.zero_()
             self.router.bias[0] = config.router_init_margin
+            if self.router_pool is not None:
+                self.router_pool.weight.zero_()
         train_general = bool(config.train_general)
         self.general_in_proj = nn.Parameter(base.w_in[None].contiguous(), requires_grad=train_general)
         self.general_out_proj = nn.Parameter(base.w_out[None].contiguous(), requires_grad=train_general)
@@ -193,7 +198,8 @@ class SafetyMoE(nn.Module):
         return [p for n, p in self.named_parameters() if n.startswith("safety_")]
 
     def router_parameters(self):
-        return list(self.router.parameters())
+        pool = list(self.router_pool.parameters()) if self.router_pool is not None else []
+        return list(self.router.parameters()) + pool
 
 
 def current_tau(module: SafetyMoE):

@@ -27,7 +27,7 @@ from .sequence import prompt_routes
 
 # the default τ of each routing, chosen on val (README): the largest safety on the unseen harmful val sets
 # whose ShareGPT val over-refusal stays <= 0.05 (`benchmarks/sequence_routing_val.py` for 'sequence')
-DEFAULT_TAU = {"sequence": 0.65, "token": 0.5}
+DEFAULT_TAU = {"sequence": 0.75, "token": 0.5}
 
 
 @dataclass
@@ -48,7 +48,7 @@ class DemoConfig(SerialisableConfig):
     router_grad: str = field(default="straight_through", metadata={"help": "UpcycleConfig.router_grad"})
     routing: str = field(default="sequence", metadata={"help": "UpcycleConfig.routing: 'sequence' (one decision "
                                                                 "per request; chosen on val) or 'token'"})
-    sequence_l2: float = field(default=0.3, metadata={"help": "routing='sequence': L2 of the router fit (chosen on val)"})
+    sequence_l2: float = field(default=1.0, metadata={"help": "routing='sequence': L2 of the router fit (chosen on val)"})
     augment: float = field(default=0.35, metadata={"help": "share of training prompts rewritten (train templates)"})
     stage1_prompts: int = field(default=256, metadata={"help": "harmful training prompts for stage 1"})
     stage1_epochs: float = 1.0
@@ -69,7 +69,7 @@ class DemoConfig(SerialisableConfig):
     max_new_tokens: int = 32
     gen_batch_size: int = 32
     default_tau: float | None = field(default=None, metadata={"help": "the τ the table reports, chosen on val (None: "
-                                                                     "0.65 with routing='sequence', 0.5 with 'token')"})
+                                                                     "0.75 with routing='sequence', 0.5 with 'token')"})
     taus: tuple = (0.0, 0.25, 0.5, 0.65, 0.75, 1.0)
     seed: int = 0
     save_model: bool = True

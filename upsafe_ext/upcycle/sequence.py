@@ -5,9 +5,12 @@ during the reply. On SmolLM2 that decided worse than a single linear read-out of
 generation position (``benchmarks/probe_separability.py``): once a few positions of an ordinary request
 go to the safety expert, the refusal feeds itself. Sequence routing takes that one decision:
 
-* **Score.** The base model (τ=0) runs over the prompt; at the generation position (the last prompt token,
-  where the first reply token is predicted) each upcycled layer's router reads its own input, and the score is
-  the mean over layers of (log-sum-exp of the safety logits - the original MLP's logit) / router temperature.
+* **Score.** The base model (τ=0) runs over the prompt. Each upcycled layer's routers read its own input: ``router``
+  at the generation position (the last prompt token, where the first reply token is predicted) and
+  ``router_pool`` averaged over the prompt's positions; their logits add up. The score is the mean over layers
+  of (log-sum-exp of the safety logits - the original MLP's logit) / router temperature. (The pooled read-out
+  was chosen on val: at the same ShareGPT over-refusal it raised safety on the unseen harmful val sets from
+  0.83 to 0.95; ``benchmarks/sequence_routing_val.py``.)
 * **Decision.** ``score + log(τ/(1-τ)) > 0``: the whole sequence (prompt and reply) goes through the safety
   experts (τ=1 for that sequence); otherwise through the original MLP (τ=0, exactly the base model). τ=0
   never and τ=1 always route to the safety experts, and the share routed can only grow with τ.
@@ -59,8 +62,9 @@ def _modules(model):
 
 @torch.no_grad()
 def router_inputs(model, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-    """``[B, L, H]`` fp32: the input of each of the L SafetyMoE layers at every row's generation position,
-    computed by the base model (τ=0). The forward stops after the last SafetyMoE layer."""
+    """``[B, L, 2, H]`` fp32: the input of each of the L SafetyMoE layers, computed by the base model (τ=0), at
+    every row's generation position (``[:, :, 0]``) and averaged over its attended positions (``[:, :, 1]``).
+    The forward stops after the last SafetyMoE layer."""
     mods = _modules(model)
     if input_ids.dim() != 2:
         raise ValueError(f"router_inputs: `input_ids` must be [batch, seq], got {tuple(input_ids.shape)}")
@@ -70,11 +74,13 @@ def router_inputs(model, input_ids: Tensor, attention_mask: Tensor | None = None
                          f"{tuple(input_ids.shape)}")
     pos = generation_positions(mask)
     rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+    weight = mask.float()[..., None]
     got: dict[int, Tensor] = {}
 
     def hook(i):
         def fn(module, args):
-            got[i] = args[0][rows, pos].float()
+            x = args[0].float()
+            got[i] = torch.stack([x[rows, pos], (x * weight).sum(1) / weight.sum(1)], dim=1)
             if len(got) == len(mods):
                 raise _Stop
         return fn
@@ -98,7 +104,10 @@ def scores_from_inputs(model, x: Tensor) -> Tensor:
     """``[B]`` sequence scores from ``router_inputs`` (see the module docstring)."""
     out = []
     for i, m in enumerate(_modules(model)):
-        logits = m.router(x[:, i].to(m.router.weight.dtype)).float() / m.router_temperature
+        logits = m.router(x[:, i, 0].to(m.router.weight.dtype)).float()
+        if m.router_pool is not None:
+            logits = logits + m.router_pool(x[:, i, 1].to(m.router_pool.weight.dtype)).float()
+        logits = logits / m.router_temperature
         out.append(torch.logsumexp(logits[:, 1:], dim=-1) - logits[:, 0])
     return torch.stack(out, dim=1).mean(1)
 
@@ -140,7 +149,7 @@ def decide(score: Tensor, tau: Tensor) -> Tensor:
 @torch.no_grad()
 def prompt_router_inputs(model, tokenizer, prompts: Sequence[str], *, system: str | None = None,
                          batch_size: int = 16, max_length: int = 256, progress: bool = True) -> Tensor:
-    """``router_inputs`` of one-turn chats (rendered and left-padded as generation does): ``[n, L, H]``."""
+    """``router_inputs`` of one-turn chats (rendered and left-padded as generation does): ``[n, L, 2, H]``."""
     return map_prompts(model, tokenizer, prompts, lambda x, mask: router_inputs(model, x, mask), system=system,
                        batch_size=batch_size, max_length=max_length, progress=progress, desc="router inputs")
 
@@ -160,7 +169,7 @@ def prompt_routes(model, tokenizer, prompts: Sequence[str], tau, *, system: str 
 
 
 @torch.no_grad()
-def fit_sequence_routers(model, tokenizer, harmful: Sequence[str], benign: Sequence[str], *, l2: float = 0.1,
+def fit_sequence_routers(model, tokenizer, harmful: Sequence[str], benign: Sequence[str], *, l2: float = 1.0,
                          system: str | None = None, batch_size: int = 16, max_length: int = 256,
                          progress: bool = True) -> dict:
     """Fit every router for sequence routing: one logistic probe (``scan.fit_probe_params``, L2 ``l2`` on
@@ -177,21 +186,27 @@ def fit_sequence_routers(model, tokenizer, harmful: Sequence[str], benign: Seque
 
 
 @torch.no_grad()
-def set_sequence_routers(model, x: Tensor, y: Tensor, l2: float = 0.1) -> dict:
-    """The fit of :func:`fit_sequence_routers` from router inputs ``x [n, L, H]`` (``prompt_router_inputs``)
+def set_sequence_routers(model, x: Tensor, y: Tensor, l2: float = 1.0) -> dict:
+    """The fit of :func:`fit_sequence_routers` from router inputs ``x [n, L, 2, H]`` (``prompt_router_inputs``)
     and labels ``y [n]`` (1 = harmful). Sets every router; returns {"train_accuracy", "train_bce"}."""
     mods = _modules(model)
-    if x.dim() != 3 or x.shape[1] != len(mods) or y.shape != (x.shape[0],):
-        raise ValueError(f"set_sequence_routers: `x` must be [n, {len(mods)} layers, H] and `y` [n], got "
+    if x.dim() != 4 or x.shape[1] != len(mods) or x.shape[2] != 2 or y.shape != (x.shape[0],):
+        raise ValueError(f"set_sequence_routers: `x` must be [n, {len(mods)} layers, 2, H] and `y` [n], got "
                          f"{tuple(x.shape)} and {tuple(y.shape)}")
-    L, H = x.shape[1], x.shape[2]
-    w, b = fit_probe_params(x.reshape(len(y), L * H), y.float(), l2=l2)
+    if any(m.router_pool is None for m in mods):
+        raise ValueError("set_sequence_routers: the model routes per token (UpcycleConfig.routing='token'); "
+                         "upcycle with routing='sequence'")
+    L, H = x.shape[1], x.shape[3]
+    w, b = fit_probe_params(x.reshape(len(y), L * 2 * H), y.float(), l2=l2)
+    w = w.view(L, 2, H)
     for i, m in enumerate(mods):
         n_safety = m.router.weight.shape[0] - 1
         m.router.weight.zero_()
         m.router.bias.zero_()
+        m.router_pool.weight.zero_()
         # mean over layers of (logsumexp of n identical safety logits - 0) = sum_i w_i.x_i + b
-        m.router.weight[1:] = (L * m.router_temperature * w[i * H:(i + 1) * H]).to(m.router.weight)
+        m.router.weight[1:] = (L * m.router_temperature * w[i, 0]).to(m.router.weight)
+        m.router_pool.weight[1:] = (L * m.router_temperature * w[i, 1]).to(m.router_pool.weight)
         m.router.bias[1:] = m.router_temperature * (float(b) - math.log(n_safety))
     score = scores_from_inputs(model, x.to(mods[0].router.weight.device)).cpu()
     y = y.float().cpu()
