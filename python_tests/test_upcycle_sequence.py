@@ -224,7 +224,7 @@ def test_demo_config_resolves_the_val_choices_per_routing():
 def test_demo_end_to_end_on_a_tiny_model_routes_per_sequence(tmp_path):
     """run_demo's plumbing with routing='sequence' (scan, upcycle, stage 1, the closed-form stage 2, the
     protocol, the sweep with the KL of routed prompts only, the save) on a tiny random model."""
-    from upsafe_ext.upcycle import DemoConfig, load_upcycled, run_demo
+    from upsafe_ext.upcycle import DemoConfig, get_upcycle_config, load_upcycled, run_demo
     from upsafe_ext.upcycle.pipeline import format_report
 
     model, tok = tiny_causal_lm("llama"), tiny_tokenizer()
@@ -238,6 +238,7 @@ def test_demo_end_to_end_on_a_tiny_model_routes_per_sequence(tmp_path):
     routed = {r["tau"]: r["routed_benign"] for r in report["sweep"]}
     assert kl[0.0] == 0.0 and routed[0.0] == 0.0 and routed[1.0] == 1.0 and kl[1.0] > 0
     assert all(0 <= v["routed"] <= 1 and 0 <= v["refused_not_routed"] <= v["n"] for v in report["after"].values())
+    assert get_upcycle_config(model).safety_temperature == 0.75  # the demo's τ is the saved default
     assert "Routed to the safety experts at τ=0.75" in format_report(report)
     loaded = load_upcycled(report["model_dir"])
     assert [m.routing for _, m in safety_moe_modules(loaded)] == ["sequence"] * 2
@@ -257,5 +258,5 @@ def test_cli_upcycle_train_eval_with_routing_per_sequence(tmp_path, capsys):
     model = AutoModelForCausalLM.from_pretrained(trained)
     assert all(float(m.router.weight[1:].detach().abs().sum()) > 0 for _, m in safety_moe_modules(model))  # stage 2 fitted
     assert cli.main(["eval", "--model", str(trained), "--split", "val", "--n-harmful", "2", "--n-benign", "2",
-                     "--kl-prompts", "2", "--max-new-tokens", "2", "--tau", "0.65"]) == 0
-    assert "τ=0.65" in capsys.readouterr().out
+                     "--kl-prompts", "2", "--max-new-tokens", "2"]) == 0
+    assert "τ=0.5" in capsys.readouterr().out  # no --tau: the saved default (UpcycleConfig's 0.5 here)

@@ -87,10 +87,12 @@ def _eval(a, taus, out_dir=None):
     from ..eval.generation import chat, generate_chat
     from ..eval.judge import judge_accuracy
     from ..eval.protocol import format_sets_table, protocol_sets
-    from .model import safety_moe_modules, safety_temperature
+    from .model import get_upcycle_config, safety_moe_modules, safety_temperature
     from .pipeline import sweep_temperature
 
     model, tok = load_from_args(a)
+    saved = get_upcycle_config(model)
+    taus = [t if t is not None else (saved.safety_temperature if saved else 0.0) for t in taus]
     sets = protocol_sets(a.split, n=a.n_harmful, n_benign=a.n_benign)
     kl_prompts = [p for s in sets if s.kind == "benign" for p in s.prompts][: a.kl_prompts]
     base_answers = None
@@ -109,7 +111,7 @@ def _eval(a, taus, out_dir=None):
 
 
 def _cmd_eval(a) -> int:
-    _eval(a, [a.tau])
+    _eval(a, [a.tau])  # None: the model's saved default τ
     return 0
 
 
@@ -180,7 +182,8 @@ def register(sub) -> set[str]:
         p.add_argument("--kl-prompts", type=int, default=64, help="benign prompts for the KL to base")
         p.add_argument("--max-new-tokens", type=int, default=32)
         if name == "eval":
-            p.add_argument("--tau", type=float, default=0.5)
+            p.add_argument("--tau", type=float, default=None,
+                           help="safety temperature (default: the model's saved default τ)")
         else:
             p.add_argument("--taus", default="0,0.25,0.5,0.75,1")
             p.add_argument("--out", default="upsafe_out/sweep")

@@ -257,7 +257,8 @@ def run_demo(cfg: DemoConfig | None = None, progress: bool = True, model=None, t
     say(f"[demo] scan: upcycling layers {layers}")
 
     upcycle_(model, UpcycleConfig(layers=layers, num_safety_experts=cfg.num_safety_experts, top_k=cfg.top_k,
-                                  router_grad=cfg.router_grad, routing=cfg.routing))
+                                  router_grad=cfg.router_grad, routing=cfg.routing,
+                                  safety_temperature=cfg.default_tau))  # the saved model's default τ
     n_h = max(cfg.stage1_prompts, cfg.stage2_harmful)
     h_train, b_train = training_mix(n_h, cfg.stage2_benign, augment=cfg.augment)
     s1 = stage1(model, tokenizer, h_train[: cfg.stage1_prompts], lr=cfg.stage1_lr, epochs=cfg.stage1_epochs,
