@@ -10,13 +10,14 @@ go to the safety expert, the refusal feeds itself. Sequence routing takes that o
   ``router_pool`` averaged over the prompt's positions; their logits add up. The score is the mean over layers
   of (log-sum-exp of the safety logits - the original MLP's logit) / router temperature. (The pooled read-out
   was chosen on val: at the same ShareGPT over-refusal it raised safety on the unseen harmful val sets from
-  0.83 to 0.95; ``benchmarks/sequence_routing_val.py``.)
+  0.82-0.85 to 0.95-0.98; ``benchmarks/sequence_routing_val.py``, records in ``benchmarks/val/``.)
 * **Decision.** ``score + log(τ/(1-τ)) > 0``: the whole sequence (prompt and reply) goes through the safety
   experts (τ=1 for that sequence); otherwise through the original MLP (τ=0, exactly the base model). τ=0
   never and τ=1 always route to the safety experts, and the share routed can only grow with τ.
 * **Training.** Stage 1 is unchanged (the safety experts learn refusals at τ=1). The routers are fitted
-  jointly as one logistic probe on the concatenated router inputs at the generation position
-  (:func:`fit_sequence_routers`), so "the mean over layers of the router scores" is exactly that probe.
+  jointly as one logistic probe on the concatenated read-outs (generation position and prompt mean) of every
+  upcycled layer (:func:`fit_sequence_routers`), so "the mean over layers of the router scores" is exactly
+  that probe. The LM loss does not train a sequence router.
 
 ``UpsafeForCausalLM.generate`` takes the decision itself (one extra forward over the prompt, stopped after
 the last upcycled layer) and passes one τ ∈ {0, 1} per sequence to the calls it makes; ``forward`` without a
