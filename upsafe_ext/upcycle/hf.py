@@ -26,7 +26,8 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from .config import CONFIG_KEY, UpcycleConfig
-from .layer import request_safety_temperature, request_tau, swap_in_safety_moe
+from .layer import (current_tau, is_pure_tau, request_safety_temperature, request_tau, safety_moe_modules,
+                    swap_in_safety_moe)
 
 MODEL_TYPE = "upsafe_upcycled"  # config.json's model_type
 BASE_TYPE_KEY = "base_model_type"  # config.json: the base architecture's model_type
@@ -144,10 +145,7 @@ class UpsafeForCausalLMMixin:
         return (model, info) if want_info else model
 
     def _upsafe_forward(self, *args, safety_temperature=None, **kwargs):
-        tau = None if safety_temperature is None else request_tau(safety_temperature, batch_size_of(args, kwargs),
-                                                                  self.device)
-        if routes_per_sequence(self):
-            tau = sequence_tau(self, args, kwargs, tau, "forward")
+        tau = call_tau(self, args, kwargs, safety_temperature, "forward")
         if tau is None:
             return super().forward(*args, **kwargs)
         with request_safety_temperature(tau):
@@ -159,10 +157,7 @@ class UpsafeForCausalLMMixin:
     def generate(self, *args, safety_temperature=None, **kwargs):
         """``GenerationMixin.generate``, plus ``safety_temperature``: a float in [0, 1] or one per input
         sequence (list or 1-D tensor); beams and return sequences of a sequence share its τ."""
-        tau = None if safety_temperature is None else request_tau(safety_temperature, batch_size_of(args, kwargs),
-                                                                  self.device)
-        if routes_per_sequence(self):
-            tau = sequence_tau(self, args, kwargs, tau, "generate")
+        tau = call_tau(self, args, kwargs, safety_temperature, "generate")
         if tau is not None:
             kwargs["safety_temperature"] = tau
         return super().generate(*args, **kwargs)
@@ -173,14 +168,21 @@ def routes_per_sequence(model) -> bool:
     return (getattr(model.config, CONFIG_KEY, None) or {}).get("routing", "token") == "sequence"
 
 
+def call_tau(model, args, kwargs, safety_temperature, op: str):
+    """The τ of one ``forward`` / ``generate`` call: ``safety_temperature`` validated (None: the model's default),
+    and for a sequence-routed model the decision per sequence (``sequence_tau``)."""
+    tau = None if safety_temperature is None else request_tau(safety_temperature, batch_size_of(args, kwargs),
+                                                              model.device)
+    return sequence_tau(model, args, kwargs, tau, op) if routes_per_sequence(model) else tau
+
+
 def sequence_tau(model, args, kwargs, tau, op: str):
     """τ for a call of a sequence-routed model: τ itself when it needs no decision (0, 1, or 0/1 per sequence),
     else the decision per sequence (``sequence.sequence_routes``) on the call's input ids."""
-    from .layer import current_tau, safety_moe_modules
-    from .sequence import is_pure_tau, sequence_routes
+    from .sequence import sequence_routes
 
-    mods = safety_moe_modules(model)
-    effective = current_tau(mods[0][1]) if tau is None else tau
+    # the modules are looked up only when the call gives no τ (generate's steps always give one)
+    effective = current_tau(safety_moe_modules(model)[0][1]) if tau is None else tau
     if is_pure_tau(effective):
         return tau
     ids = next((x for x in (args[0] if args else None, kwargs.get("input_ids"), kwargs.get("inputs"))

@@ -131,7 +131,7 @@ class SafetyMoE(nn.Module):
             saf = torch.where(t >= 1.0, torch.zeros_like(t), torch.log(t / (1.0 - t)))
             per_seq = torch.cat([gen, saf.expand(batch, E - 1)], dim=1).float()  # [B, E]
             return per_seq.repeat_interleave(seq, dim=0)  # [B*S, E]
-        if self.routing == "sequence" and tau not in (0.0, 1.0):
+        if self.routing == "sequence" and not is_pure_tau(tau):
             raise ValueError(f"SafetyMoE: this model routes per sequence (UpcycleConfig.routing='sequence'), so "
                              f"each sequence needs a decision, not the shared τ={tau:g}: call the model's "
                              "`generate`, or pass `safety_temperature=upsafe_ext.upcycle.sequence_routes(model, "
@@ -200,6 +200,13 @@ class SafetyMoE(nn.Module):
     def router_parameters(self):
         pool = list(self.router_pool.parameters()) if self.router_pool is not None else []
         return list(self.router.parameters()) + pool
+
+
+def is_pure_tau(tau) -> bool:
+    """True when τ needs no per-sequence decision: 0 or 1, or a per-sequence tensor of only 0s and 1s."""
+    if isinstance(tau, Tensor):
+        return bool(((tau == 0) | (tau == 1)).all())
+    return tau is not None and float(tau) in (0.0, 1.0)
 
 
 def current_tau(module: SafetyMoE):

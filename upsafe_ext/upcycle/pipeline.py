@@ -80,7 +80,7 @@ class DemoConfig(SerialisableConfig):
     def quick(cls, **overrides) -> "DemoConfig":
         """Fewer prompts and steps (the numbers are noisier); see the README for its wall time."""
         routing = overrides.get("routing", cls.__dataclass_fields__["routing"].default)
-        tau = overrides.get("default_tau") or DEFAULT_TAU[routing]
+        tau = overrides["default_tau"] if overrides.get("default_tau") is not None else DEFAULT_TAU[routing]
         base = dict(stage1_prompts=128, stage2_epochs=2.0, eval_harmful=24, eval_benign=24, eval_base=12,
                     sweep_prompts=12, taus=(0.0, tau, 1.0))
         if routing == "token":  # stage 2 trains by SGD on generated answers: fewer prompts

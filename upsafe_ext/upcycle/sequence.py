@@ -32,10 +32,10 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from .layer import current_tau, request_safety_temperature, request_tau, safety_moe_modules
+from .layer import current_tau, is_pure_tau, request_safety_temperature, request_tau, safety_moe_modules
 from .scan import fit_probe_params, map_prompts
 
-__all__ = ["generation_positions", "router_inputs", "sequence_scores", "sequence_routes", "decide", "is_pure_tau",
+__all__ = ["generation_positions", "router_inputs", "sequence_scores", "sequence_routes", "decide",
            "prompt_router_inputs", "prompt_routes", "fit_sequence_routers", "set_sequence_routers"]
 
 
@@ -117,13 +117,6 @@ def scores_from_inputs(model, x: Tensor) -> Tensor:
 def sequence_scores(model, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
     """``[B]`` fp32: how strongly the routers send each prompt to the safety experts (> 0 at τ=0.5)."""
     return scores_from_inputs(model, router_inputs(model, input_ids, attention_mask))
-
-
-def is_pure_tau(tau) -> bool:
-    """True when τ needs no decision: 0 or 1, or a per-sequence tensor of only 0s and 1s."""
-    if isinstance(tau, Tensor):
-        return bool(((tau == 0) | (tau == 1)).all())
-    return tau is not None and float(tau) in (0.0, 1.0)
 
 
 @torch.no_grad()
