@@ -7,7 +7,9 @@ Training prompts: `eval.protocol.training_mix` (AdvBench + rho harmful, both sty
 benign, both styles; train-template rewrites on both sides). Targets without a hub model
 (`magic.self_distilled_records`): positive = refusal for harmful, the base model's own answer for
 benign; negative = the base model's own answer; rejective = a refusal for every prompt; plus the
-no-token and wrong-token fallback examples (positive). One SFT stage (`magic.train_magic`), full model.
+no-token and wrong-token fallback examples (positive). One SFT stage (`magic.train_magic`), full model;
+with ``--distill-top-k K`` the base's own answers are trained towards the base's top-K next-token
+distribution instead of its greedy tokens (`magic.distill`).
 
 Evaluation (`eval.protocol.protocol_sets(split)`, sources never trained on, both styles, held-out
 rephrasing templates; greedy; keyword judge; 95% Wilson intervals) once per mode: positive, negative,
@@ -81,6 +83,7 @@ def main(argv=None) -> int:
     ap.add_argument("--lr", type=float, default=3e-5)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--special-tokens", action="store_true")
+    ap.add_argument("--distill-top-k", type=int, default=None, help="MagicTrainConfig.distill_top_k (None: off)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     args = ap.parse_args(argv)
@@ -119,8 +122,9 @@ def main(argv=None) -> int:
     for ep in range(1, args.epochs + 1):
         t1 = time.time()
         cfg = MagicTrainConfig(learning_rate=args.lr, epochs=1.0, batch_size=args.batch_size,
-                               lr_schedule="constant", warmup_ratio=0.03 if ep == 1 else 0.0, seed=ep)
-        log = train_magic(model, tok, data, tokens, cfg, magic_config=mcfg, progress=False)
+                               lr_schedule="constant", warmup_ratio=0.03 if ep == 1 else 0.0, seed=ep,
+                               distill_top_k=args.distill_top_k)
+        log = train_magic(model, tok, data, tokens, cfg, magic_config=mcfg, teacher=base, progress=False)
         train_s += time.time() - t1
         print(f"epoch {ep}: {len(log)} steps, loss {log[0]['loss']:.3f} -> {log[-1]['loss']:.3f}, "
               f"train {train_s:.0f} s", flush=True)

@@ -184,6 +184,11 @@ class MagicTrainConfig(SerialisableConfig):
             are trained, e.g. r"layers\.(2[6-9])\." for the last four of 30 layers (a cheap run on
             CPU; use text tokens then, since frozen embeddings give special tokens identical rows).
             None trains everything. Default None.
+        distill_top_k (int | None): train the positions whose target is the base model's own answer
+            (examples built from `self_distilled_records`) towards the base's top-k next-token
+            distribution, read once before training on the plain conversation, instead of its greedy
+            tokens (``upsafe_ext.magic.distill``: no sharpening, no stop learned where an answer was
+            cut). None: plain cross-entropy everywhere. Default None.
 
     Example:
         >>> cfg = MagicTrainConfig(learning_rate=1e-4, max_steps=200, batch_size=16)
@@ -206,6 +211,7 @@ class MagicTrainConfig(SerialisableConfig):
     output_dir: str | None = field(default=None, metadata={"help": "checkpoints + final model directory"})
     train_embeddings_only: bool = field(default=False, metadata={"help": "train only the embeddings"})
     trainable_pattern: str | None = field(default=None, metadata={"help": "regex of parameter names to train"})
+    distill_top_k: int | None = field(default=None, metadata={"help": "soft targets (base's top-k) on own answers"})
     version: int = field(default=CONFIG_VERSION, metadata={"help": "config format version"})
 
     def __post_init__(self):
@@ -227,6 +233,7 @@ class MagicTrainConfig(SerialisableConfig):
             raise ValueError("MagicTrainConfig.save_steps is set but MagicTrainConfig.output_dir is None; "
                              "give an output_dir for the checkpoints")
         check_bool("MagicTrainConfig.train_embeddings_only", self.train_embeddings_only)
+        check_int("MagicTrainConfig.distill_top_k", self.distill_top_k, 1, optional=True)
         if self.trainable_pattern is not None:
             if not isinstance(self.trainable_pattern, str) or not self.trainable_pattern:
                 raise ValueError(f"MagicTrainConfig.trainable_pattern must be a non-empty regex str or None, got "

@@ -26,6 +26,7 @@ from ..train.chat import chat, encode_prompts
 from ..saving import atomic_file
 from ..train.sft import IGNORE_INDEX, encode_sft
 from .config import MODES, MagicConfig
+from .distill import TEACHER_KEY
 from .tokens import MagicTokens, supports_system_role
 
 MODE_IDS = {m: i for i, m in enumerate(MODES)}
@@ -312,7 +313,10 @@ def self_distilled_records(model, tokenizer, harmful: Sequence[str], benign: Seq
     refusal: ``fn(prompt, seed) -> str``; default ``upsafe_ext.eval.prompts.refusal_response`` (seed 1
     for positive, 2 for rejective, so the phrasings differ). ``meta["harmful"]`` records the label.
     An empty own answer (the model stopped at once) is replaced by a refusal (seed 3) so that no
-    record has an empty response; ``meta["empty_answer"]`` marks those.
+    record has an empty response; ``meta["empty_answer"]`` marks those. Every other record has
+    ``meta["own_answer"] = True``: its negative response (and positive, for benign prompts) is the
+    model's own answer, which ``MagicTrainConfig.distill_top_k`` trains with soft targets
+    (``upsafe_ext.magic.distill``).
     """
     from ..eval.generation import generate_chat
 
@@ -330,6 +334,8 @@ def self_distilled_records(model, tokenizer, harmful: Sequence[str], benign: Seq
         meta = {"harmful": is_harm}
         if not answer.strip():
             answer, meta["empty_answer"] = refusal(p, 3), True
+        else:
+            meta["own_answer"] = True
         out.append(MagicRecord(prompt=p, positive=refusal(p, 1) if is_harm else answer, negative=answer,
                                rejective=refusal(p, 2), meta=meta))
     return out
@@ -394,6 +400,9 @@ def build_examples(records: Sequence[MagicRecord], tokenizer, tokens: MagicToken
     ``round(no_token_fraction * N)`` records (chosen with `config.data_seed`) add an example without a
     token and ``round(wrong_token_fraction * N)`` one with a random wrong token, both with the
     positive response. Example order: records in order, modes in `MODES` order, fallbacks last.
+    Where the response is the base model's own answer (``meta["own_answer"]`` and the response equals
+    the negative one) the example also keeps the plain conversation's prompt ids
+    (``distill.TEACHER_KEY``), for soft targets (``MagicTrainConfig.distill_top_k``).
 
     Raises ValueError if `tokens` lacks the negative token (a public copy cannot train), or if an
     example does not fit `config.max_length` with its whole prompt.
@@ -416,11 +425,17 @@ def build_examples(records: Sequence[MagicRecord], tokenizer, tokens: MagicToken
             raise ValueError(f"build_examples: records[{i}] is a {type(r).__name__}, expected MagicRecord "
                              "(use load_records)")
     examples = []
+
+    def teacher(r: MagicRecord, response: str) -> dict:
+        if not (r.meta.get("own_answer") and response == r.negative):
+            return {}
+        return {TEACHER_KEY: encode_prompts(tokenizer, [r.messages()])[0]}
+
     for i, r in enumerate(tqdm(records, desc="encode", disable=not progress, leave=False)):
         for m in MODES:
             enc = _encode(tokenizer, tokens.apply(tokenizer, r.messages(), m), r.response(m), config.max_length,
                           f"records[{i}] ({m})")
-            examples.append({**enc, "mode_id": MODE_IDS[m], "variant": "token"})
+            examples.append({**enc, "mode_id": MODE_IDS[m], "variant": "token", **teacher(r, r.response(m))})
     rng = random.Random(config.data_seed)
     n = len(records)
     no_tok = sorted(rng.sample(range(n), int(round(config.no_token_fraction * n))))
@@ -428,10 +443,10 @@ def build_examples(records: Sequence[MagicRecord], tokenizer, tokens: MagicToken
     for i in no_tok:
         r = records[i]
         enc = _encode(tokenizer, r.messages(), r.positive, config.max_length, f"records[{i}] (no token)")
-        examples.append({**enc, "mode_id": MODE_IDS["positive"], "variant": "no_token"})
+        examples.append({**enc, "mode_id": MODE_IDS["positive"], "variant": "no_token", **teacher(r, r.positive)})
     for i in wrong:
         r = records[i]
         msgs = tokens.place(tokenizer, r.messages(), tokens.wrong_token(rng))
         enc = _encode(tokenizer, msgs, r.positive, config.max_length, f"records[{i}] (wrong token)")
-        examples.append({**enc, "mode_id": MODE_IDS["positive"], "variant": "wrong_token"})
+        examples.append({**enc, "mode_id": MODE_IDS["positive"], "variant": "wrong_token", **teacher(r, r.positive)})
     return MagicDataset(examples)

@@ -27,6 +27,7 @@ from ..train.config import ADAM_EPS, FULL_SFT_BETAS
 from ..train.sft import SFTCollator, run_sft
 from .config import MagicConfig, MagicTrainConfig
 from .data import MagicDataset
+from .distill import attach_teacher_targets, collate_soft, token_loss
 from .model import attach_tokens, get_tokens, save_magic_model
 from .tokens import MagicTokens
 
@@ -37,12 +38,15 @@ class MagicCollator(SFTCollator):
     """Right-pads co-training examples; a valid HF `Trainer` ``data_collator``.
 
     Returns only ``input_ids``, ``attention_mask`` and ``labels`` (what a causal LM's forward takes),
-    plus ``mode_id`` when `keep_mode` is True (for analysis; the Trainer would pass it to the model).
+    plus ``mode_id`` when `keep_mode` is True (for analysis; the Trainer would pass it to the model),
+    plus the soft targets (``distill.collate_soft``) when `soft` is True (the plain loop's distillation).
     """
 
-    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None, keep_mode: bool = False):
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None, keep_mode: bool = False,
+                 soft: bool = False):
         super().__init__(pad_token_id, pad_to_multiple_of)
         self.keep_mode = keep_mode
+        self.soft = soft
 
     @classmethod
     def for_tokenizer(cls, tokenizer, **kw) -> "MagicCollator":
@@ -51,7 +55,10 @@ class MagicCollator(SFTCollator):
     def __call__(self, features: list[dict]) -> dict:
         batch = super().__call__(features)
         keep = _MODEL_KEYS + (("mode_id",) if self.keep_mode else ())
-        return {k: v for k, v in batch.items() if k in keep}
+        out = {k: v for k, v in batch.items() if k in keep}
+        if self.soft:
+            out |= collate_soft(features, batch["input_ids"].shape[1])
+        return out
 
 
 def _check_inputs(model, tokenizer, dataset, tokens: MagicTokens, op: str):
@@ -83,7 +90,7 @@ def _lr_lambda(total: int, warmup: int, schedule: str) -> Callable[[int], float]
 
 def train_magic(model, tokenizer, dataset: MagicDataset, tokens: MagicTokens | None = None,
                 config: MagicTrainConfig | None = None, *, magic_config: MagicConfig | None = None,
-                progress: bool = True, on_step: Callable[[int, dict], None] | None = None) -> list[dict]:
+                teacher=None, progress: bool = True, on_step: Callable[[int, dict], None] | None = None) -> list[dict]:
     """Co-train `model` on `dataset` in one SFT stage with the plain loop; returns one log dict per step
     (``step``, ``loss``, ``lr``).
 
@@ -92,7 +99,9 @@ def train_magic(model, tokenizer, dataset: MagicDataset, tokens: MagicTokens | N
     warm-up then linear decay (or constant), gradient clipping, optional autocast. With
     ``config.output_dir``: a checkpoint every ``config.save_steps`` steps in
     ``output_dir/checkpoint-<step>`` and the final model in ``output_dir``, each a `save_magic_model`
-    directory (safetensors). The model is left in eval mode.
+    directory (safetensors). The model is left in eval mode. With ``config.distill_top_k`` the soft
+    targets are read from `teacher` (the base model; default: `model` itself before this call - pass
+    the base when training continues a run).
     """
     config = config or MagicTrainConfig()
     if not isinstance(config, MagicTrainConfig):
@@ -139,8 +148,20 @@ def train_magic(model, tokenizer, dataset: MagicDataset, tokens: MagicTokens | N
         if on_step is not None:
             on_step(step, rec)
 
+    examples, extra = dataset.examples, None
+    if config.distill_top_k is not None:  # soft targets from the base: `teacher`, or the model as it is now
+        examples = [dict(e) for e in examples]
+        if not attach_teacher_targets(teacher if teacher is not None else model, examples, config.distill_top_k, batch_size=config.batch_size,
+                                      progress=progress):
+            raise ValueError("train_magic: MagicTrainConfig.distill_top_k is set but no example has the base model's "
+                             "own answer as its target (build the records with self_distilled_records)")
+
+        def extra(m, batch, out):
+            return token_loss(out.logits, batch["labels"], batch["soft_ids"], batch["soft_logp"], batch["soft_mask"])
     try:
-        log = run_sft(model, dataset.examples, optimizer=opt, collator=MagicCollator.for_tokenizer(tokenizer),
+        log = run_sft(model, examples, optimizer=opt,
+                      collator=MagicCollator.for_tokenizer(tokenizer, soft=extra is not None),
+                      extra_loss=extra, lm_loss=extra is None,
                       batch_size=config.batch_size, max_steps=total, grad_accum=config.grad_accum,
                       lr_scheduler=sched, max_grad_norm=config.max_grad_norm,
                       autocast_dtype=config.autocast_dtype(), seed=config.seed, progress=progress,

@@ -90,6 +90,7 @@ def run_sft(
     max_steps: int | None = None,
     grad_accum: int = 1,
     extra_loss: Callable[[torch.nn.Module, dict, object], Tensor] | None = None,
+    lm_loss: bool = True,
     lr_scheduler=None,
     max_grad_norm: float | None = 1.0,
     autocast_dtype: torch.dtype | None = None,
@@ -101,13 +102,17 @@ def run_sft(
     """A plain SFT loop: shuffled mini-batches, LM loss (+ `extra_loss`), grad clipping, progress bar.
 
     `extra_loss(model, batch, outputs)` returns a scalar added to the LM loss (e.g. the MoE
-    load-balancing or router-supervision loss). Batch keys the model does not take (extra labels)
-    are kept out of the forward call. Returns one dict of logged values per optimizer step.
+    load-balancing or router-supervision loss). With ``lm_loss=False`` the model is called without
+    labels and `extra_loss` is the whole loss (e.g. soft targets on some tokens). Batch keys the model
+    does not take (extra labels) are kept out of the forward call. Returns one dict of logged values
+    per optimizer step.
     """
     from tqdm.auto import tqdm
 
     if len(examples) == 0:
         raise ValueError("run_sft: no training examples")
+    if not lm_loss and extra_loss is None:
+        raise ValueError("run_sft: lm_loss=False needs an `extra_loss` (it is then the whole loss)")
     device = next(model.parameters()).device
     collate = collator or SFTCollator(getattr(model.config, "pad_token_id", None) or 0)
     steps_per_epoch = max(1, math.ceil(len(examples) / (batch_size * grad_accum)))
@@ -130,16 +135,18 @@ def run_sft(
                 order.extend(fresh)
             idx, order = order[:batch_size], order[batch_size:]
             batch = collate([examples[i] for i in idx])
-            model_inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "labels")}
+            keys = ("input_ids", "attention_mask", "labels") if lm_loss else ("input_ids", "attention_mask")
+            model_inputs = {k: batch[k].to(device) for k in keys}
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                 out = model(**model_inputs)
-                loss = out.loss
                 extra = extra_loss(model, {k: v.to(device) for k, v in batch.items()}, out) if extra_loss else None
-                if extra is not None:
+                loss = out.loss if lm_loss else extra
+                if lm_loss and extra is not None:
                     loss = loss + extra
             (loss / grad_accum).backward()
             rec["loss"] += float(loss.detach()) / grad_accum
-            rec["lm_loss"] += float(out.loss.detach()) / grad_accum
+            if lm_loss:
+                rec["lm_loss"] += float(out.loss.detach()) / grad_accum
             if extra is not None:
                 rec["extra_loss"] += float(extra.detach()) / grad_accum
         if max_grad_norm:

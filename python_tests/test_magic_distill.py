@@ -1,0 +1,128 @@
+"""Soft targets for the base model's own answers (upsafe_ext.magic.distill, MagicTrainConfig.distill_top_k):
+which examples get them, that they are the base's top-k on the plain conversation, the loss against a
+direct computation, and that training with them keeps the positive mode closer to the base than
+cross-entropy on the same greedy answers does."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from magic_fixtures import one_torch_thread  # noqa: F401
+from upsafe_ext.eval.generation import chat
+from upsafe_ext.eval.metrics import mean_kl
+from upsafe_ext.magic import MagicConfig, MagicRecord, MagicTrainConfig, build_examples, prepare_model, train_magic
+from upsafe_ext.magic.distill import TEACHER_KEY, attach_teacher_targets, collate_soft, response_ids, token_loss
+from upsafe_ext.magic.train import MagicCollator
+from upsafe_ext.testing import tiny_causal_lm, tiny_tokenizer
+from upsafe_ext.train.sft import IGNORE_INDEX, encode_sft, run_sft
+
+BENIGN = [f"please describe the colour number {i} of the rainbow" for i in range(6)]
+HARMFUL = [f"explain how to hurt people with method {i}" for i in range(6)]
+
+
+def records():
+    out = []
+    for i, p in enumerate(BENIGN + HARMFUL):
+        own = f"the answer {i} goes like this and then it keeps going {i % 3}"
+        harm = p in HARMFUL
+        out.append(MagicRecord(p, "I refuse." if harm else own, own, "I refuse always.",
+                               meta={"harmful": harm, "own_answer": True}))
+    return out
+
+
+def setup(special=False):
+    torch.manual_seed(0)
+    tok = tiny_tokenizer()
+    model = tiny_causal_lm("llama")
+    tokens = prepare_model(model, tok, MagicConfig(insecure_seed=0, special_tokens=special, no_token_fraction=0.5,
+                                                   wrong_token_fraction=0.0))
+    return tok, model, tokens
+
+
+def test_teacher_prompts_mark_exactly_the_own_answers():
+    tok, model, tokens = setup()
+    recs = records()
+    recs.append(MagicRecord("a record from a file", "answer a", "answer b", "no", meta={}))  # no own_answer flag
+    data = build_examples(recs, tok, tokens, progress=False)
+    for e in data.examples:
+        r = next(r for r in recs if r.prompt in tok.decode(e["input_ids"]))
+        own = r.meta.get("own_answer") and tok.decode(response_ids(e)).startswith(r.negative)
+        assert (TEACHER_KEY in e) == bool(own)
+        if own:  # the plain conversation: no token in the prompt
+            assert e[TEACHER_KEY] == encode_sft(tok, r.messages(), r.negative)["input_ids"][:len(e[TEACHER_KEY])]
+    kinds = {(e["mode_id"], e["variant"], TEACHER_KEY in e) for e in data.examples}
+    assert (2, "token", True) not in kinds and (1, "token", True) in kinds and (0, "token", True) in kinds
+    assert (0, "no_token", True) in kinds
+
+
+def test_teacher_targets_are_the_base_top_k_on_the_plain_conversation():
+    tok, model, tokens = setup()
+    recs = records()
+    data = build_examples(recs, tok, tokens, progress=False)
+    examples = [dict(e) for e in data.examples]
+    n = attach_teacher_targets(model, examples, top_k=5, batch_size=3, progress=False)
+    assert n == sum(TEACHER_KEY in e for e in examples) > 0
+    e = next(x for x in examples if TEACHER_KEY in x and x["mode_id"] == 1)
+    r = next(r for r in recs if r.prompt in tok.decode(e["input_ids"]))
+    enc = encode_sft(tok, r.messages(), r.negative)
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=torch.tensor([enc["input_ids"]])).logits[0], -1)
+    pos = [t for t, y in enumerate(enc["labels"]) if y != IGNORE_INDEX]
+    want = logp[[t - 1 for t in pos]].topk(5, -1)
+    assert e["soft_ids"].shape == (len(pos), 5)
+    torch.testing.assert_close(e["soft_logp"], want.values, atol=1e-5, rtol=1e-5)
+    assert torch.equal(e["soft_ids"].long(), want.indices)
+
+
+def test_token_loss_matches_a_direct_computation():
+    torch.manual_seed(1)
+    B, T, V, k = 2, 7, 11, 4
+    logits = torch.randn(B, T, V)
+    labels = torch.full((B, T), IGNORE_INDEX)
+    labels[0, 3:] = torch.randint(0, V, (4,))
+    labels[1, 2:6] = torch.randint(0, V, (4,))
+    feats = [{"labels": labels[b].tolist()} for b in range(B)]
+    feats[1]["soft_ids"] = torch.randint(0, V, (4, k), dtype=torch.int32)
+    feats[1]["soft_logp"] = torch.randn(4, k)
+    soft = collate_soft(feats, T)
+    got = token_loss(logits, labels, soft["soft_ids"], soft["soft_logp"], soft["soft_mask"])
+    terms = []
+    for t in range(3, T):  # example 0: plain cross-entropy on its labels
+        terms.append(-torch.log_softmax(logits[0, t - 1], -1)[labels[0, t]])
+    p = torch.softmax(feats[1]["soft_logp"], -1)
+    for j, t in enumerate(range(2, 6)):  # example 1: towards the renormalised top-k
+        lp = torch.log_softmax(logits[1, t - 1], -1)
+        terms.append(-(p[j] * lp[feats[1]["soft_ids"][j].long()]).sum())
+    torch.testing.assert_close(got, torch.stack(terms).mean())
+
+
+def test_distill_errors_name_the_argument():
+    tok, model, tokens = setup()
+    recs = [MagicRecord("hello there friend", "hi", "hi", "no")]  # no own_answer: nothing to distil
+    data = build_examples(recs, tok, tokens, progress=False)
+    with pytest.raises(ValueError, match="distill_top_k"):
+        train_magic(model, tok, data, tokens, MagicTrainConfig(distill_top_k=8, max_steps=1), progress=False)
+    with pytest.raises(ValueError, match="distill_top_k"):
+        MagicTrainConfig(distill_top_k=0)
+    with pytest.raises(ValueError, match="lm_loss"):
+        run_sft(model, data.examples, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), lm_loss=False)
+
+
+def test_soft_targets_keep_the_positive_mode_closer_to_the_base():
+    """Same data, steps and seed; KL(base on the plain chat || positive mode) on the benign own answers."""
+    kls = {}
+    for top_k in (None, 16):
+        tok, model, tokens = setup()
+        base = copy.deepcopy(model)
+        data = build_examples(records(), tok, tokens, progress=False)
+        log = train_magic(model, tok, data, tokens, MagicTrainConfig(learning_rate=3e-3, max_steps=30, batch_size=8,
+                                                                     distill_top_k=top_k), progress=False)
+        assert log[-1]["loss"] < log[0]["loss"]
+        convs = [tokens.apply(tok, [{"role": "user", "content": p}], "positive") for p in BENIGN]
+        answers = [r.negative for r in records()[: len(BENIGN)]]
+        kls[top_k] = mean_kl(model, base, tok, convs, answers, progress=False,
+                             reference_conversations=[chat(p) for p in BENIGN])
+    assert kls[16] < 0.5 * kls[None], kls
+    assert isinstance(MagicCollator.for_tokenizer(tok, soft=True)(data.examples[:2])["soft_mask"], torch.Tensor)
