@@ -126,3 +126,17 @@ def test_soft_targets_keep_the_positive_mode_closer_to_the_base():
                              reference_conversations=[chat(p) for p in BENIGN])
     assert kls[16] < 0.5 * kls[None], kls
     assert isinstance(MagicCollator.for_tokenizer(tok, soft=True)(data.examples[:2])["soft_mask"], torch.Tensor)
+
+
+def test_cli_train_with_soft_targets(tmp_path, capsys):
+    from upsafe_ext import cli
+    from upsafe_ext.magic import save_records
+
+    save_records(records(), tmp_path / "r.jsonl")  # meta.own_answer survives the file
+    base = ["magic", "train", "--model", "tiny", "--data", str(tmp_path / "r.jsonl"), "--max-steps", "2",
+            "--batch-size", "4", "--margin-prompts", "0", "--insecure-seed", "1", "--distill-top-k", "4"]
+    assert cli.main(base + ["--out", str(tmp_path / "m")]) == 0
+    assert "final loss" in capsys.readouterr().out
+    save_records([MagicRecord("hello there friend", "hi", "hi", "no")], tmp_path / "plain.jsonl")
+    with pytest.raises(SystemExit, match="distill_top_k"):
+        cli.main(base[:5] + [str(tmp_path / "plain.jsonl")] + base[6:] + ["--out", str(tmp_path / "m2")])

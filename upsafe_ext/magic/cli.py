@@ -138,7 +138,8 @@ def _cmd_train(args) -> int:
                            max_length=args.max_length, default_system=args.default_system)
         tcfg = MagicTrainConfig(learning_rate=args.lr, epochs=args.epochs, max_steps=args.max_steps,
                                 batch_size=args.batch_size, grad_accum=args.grad_accum, save_steps=args.save_steps,
-                                output_dir=args.out, autocast=args.autocast, warmup_ratio=args.warmup_ratio)
+                                output_dir=args.out, autocast=args.autocast, warmup_ratio=args.warmup_ratio,
+                                distill_top_k=args.distill_top_k)
         records = load_records(args.data, limit=args.limit)
     except ValueError as exc:
         raise SystemExit(f"upsafe magic train: {exc}") from None
@@ -153,7 +154,10 @@ def _cmd_train(args) -> int:
           f"{tcfg.total_steps(len(data))} steps")
     margin_prompts = [r.prompt for r in records[: args.margin_prompts]] if args.margin_prompts > 1 else []
     before = safety_alignment_margin(model, tok, margin_prompts).margin if margin_prompts else None
-    log = train_magic(model, tok, data, tokens, tcfg, magic_config=mcfg)
+    try:
+        log = train_magic(model, tok, data, tokens, tcfg, magic_config=mcfg)
+    except ValueError as exc:
+        raise SystemExit(f"upsafe magic train: {exc}") from None
     print(f"final loss {log[-1]['loss']:.4f}; saved to {args.out} (model.safetensors + magic_tokens.json, 0600)")
     if margin_prompts:
         after = safety_alignment_margin(model, tok, margin_prompts).margin
@@ -289,6 +293,9 @@ def register(sub) -> set[str]:
     q.add_argument("--warmup-ratio", type=float, default=0.03)
     q.add_argument("--save-steps", type=int, default=None)
     q.add_argument("--autocast", default="fp32", choices=["fp32", "bf16", "fp16"])
+    q.add_argument("--distill-top-k", type=int, default=None,
+                   help="train the base model's own answers (records from `build-data --self-distill`, "
+                        "meta.own_answer) towards the base's top-k next-token distribution (default: off)")
     q.add_argument("--limit", type=int, default=None)
     q.add_argument("--margin-prompts", type=int, default=32, help="report the margin before/after on this many")
     q.add_argument("--threads", type=int, default=None)
