@@ -211,7 +211,7 @@ def test_demo_config_resolves_the_val_choices_per_routing():
     from upsafe_ext.upcycle.pipeline import DEFAULT_TAU
 
     seq, tok_ = DemoConfig(), DemoConfig(routing="token")
-    assert (seq.routing, seq.default_tau, seq.stage2_harmful, seq.stage2_benign) == ("sequence", 0.75, 391, 391)
+    assert (seq.routing, seq.default_tau, seq.stage2_harmful, seq.stage2_benign) == ("sequence", 0.4, 256, 256)
     assert (tok_.default_tau, tok_.stage2_harmful, tok_.stage2_benign) == (0.5, 256, 320)
     for routing, tau in DEFAULT_TAU.items():
         q = DemoConfig.quick(routing=routing)
@@ -230,7 +230,7 @@ def test_demo_end_to_end_on_a_tiny_model_routes_per_sequence(tmp_path):
     model, tok = tiny_causal_lm("llama"), tiny_tokenizer()
     cfg = DemoConfig(out_dir=str(tmp_path), split="val", scan_prompts=8, layer_fraction=0.5, stage1_prompts=8,
                      stage2_harmful=8, stage2_benign=8, eval_harmful=2, eval_benign=2, eval_base=1,
-                     sweep_prompts=2, max_new_tokens=3, taus=(0.0, 0.75, 1.0))
+                     sweep_prompts=2, max_new_tokens=3, taus=(0.0, 0.4, 1.0))
     report = run_demo(cfg, progress=False, model=model, tokenizer=tok)
     s2 = report["training"]["stage2"]
     assert len(s2) == 1 and s2[0]["n_harmful"] == 8 and s2[0]["n_benign"] == 8 and 0 <= s2[0]["train_bce"]
@@ -238,8 +238,8 @@ def test_demo_end_to_end_on_a_tiny_model_routes_per_sequence(tmp_path):
     routed = {r["tau"]: r["routed_benign"] for r in report["sweep"]}
     assert kl[0.0] == 0.0 and routed[0.0] == 0.0 and routed[1.0] == 1.0 and kl[1.0] > 0
     assert all(0 <= v["routed"] <= 1 and 0 <= v["refused_not_routed"] <= v["n"] for v in report["after"].values())
-    assert get_upcycle_config(model).safety_temperature == 0.75  # the demo's τ is the saved default
-    assert "Routed to the safety experts at τ=0.75" in format_report(report)
+    assert get_upcycle_config(model).safety_temperature == 0.4  # the demo's τ is the saved default
+    assert "Routed to the safety experts at τ=0.4" in format_report(report)
     loaded = load_upcycled(report["model_dir"])
     assert [m.routing for _, m in safety_moe_modules(loaded)] == ["sequence"] * 2
 

@@ -109,7 +109,7 @@ class UpSafeTrainConfig(SerialisableConfig):
     stage2_lb_coef: float = field(default=0.0, metadata={"help": "stage 2 load balancing"})
     sup_coef: float = field(default=1.0, metadata={"help": "stage 2 router supervision"})
     warm_start: bool = field(default=True, metadata={"help": "stage 2: logistic-probe router initialisation"})
-    sequence_l2: float = field(default=1.0, metadata={"help": "stage 2 L2 for routing='sequence' models"})
+    sequence_l2: float = field(default=0.3, metadata={"help": "stage 2 L2 for routing='sequence' models"})
     sup_tokens: int | None = field(default=None, metadata={"help": "supervised response tokens (None: all)"})
     system: str | None = field(default=None, metadata={"help": "system prompt (None: the template's own)"})
     max_length: int = field(default=256, metadata={"help": "token limit per example"})

@@ -26,8 +26,9 @@ from .sequence import prompt_routes
 
 
 # the default τ of each routing, chosen on val (README): the largest safety on the unseen harmful val sets
-# whose ShareGPT val over-refusal stays <= 0.05 (`benchmarks/sequence_routing_val.py` for 'sequence')
-DEFAULT_TAU = {"sequence": 0.75, "token": 0.5}
+# whose ShareGPT val over-refusal stays <= 0.05 (`benchmarks/sequence_routing_val.py` for 'sequence', with
+# the whole ShareGPT val slice; benchmarks/val/sequence_routing_val.md)
+DEFAULT_TAU = {"sequence": 0.4, "token": 0.5}
 
 
 @dataclass
@@ -48,15 +49,15 @@ class DemoConfig(SerialisableConfig):
     router_grad: str = field(default="straight_through", metadata={"help": "UpcycleConfig.router_grad"})
     routing: str = field(default="sequence", metadata={"help": "UpcycleConfig.routing: 'sequence' (one decision "
                                                                 "per request; chosen on val) or 'token'"})
-    sequence_l2: float = field(default=1.0, metadata={"help": "routing='sequence': L2 of the router fit (chosen on val)"})
+    sequence_l2: float = field(default=0.3, metadata={"help": "routing='sequence': L2 of the router fit (chosen on val)"})
     augment: float = field(default=0.35, metadata={"help": "share of training prompts rewritten (train templates)"})
     stage1_prompts: int = field(default=256, metadata={"help": "harmful training prompts for stage 1"})
     stage1_epochs: float = 1.0
     stage1_lr: float = 2e-4
     stage2_harmful: int | None = field(default=None, metadata={"help": "harmful training prompts for stage 2 (None: "
-                                                                      "391 = all with 'sequence', 256 with 'token')"})
+                                                                      "256, with either routing)"})
     stage2_benign: int | None = field(default=None, metadata={"help": "benign training prompts for stage 2 (None: "
-                                                                     "391 with 'sequence', 320 with 'token')"})
+                                                                     "256 with 'sequence', 320 with 'token')"})
     stage2_epochs: float = 1.5
     stage2_lr: float = 1e-3
     sup_tokens: int | None = field(default=4, metadata={"help": "router supervised on the header + this many "
@@ -69,8 +70,8 @@ class DemoConfig(SerialisableConfig):
     max_new_tokens: int = 32
     gen_batch_size: int = 32
     default_tau: float | None = field(default=None, metadata={"help": "the τ the table reports, chosen on val (None: "
-                                                                     "0.75 with routing='sequence', 0.5 with 'token')"})
-    taus: tuple = (0.0, 0.25, 0.5, 0.65, 0.75, 1.0)
+                                                                     "0.4 with routing='sequence', 0.5 with 'token')"})
+    taus: tuple = (0.0, 0.25, 0.4, 0.5, 0.75, 1.0)
     seed: int = 0
     save_model: bool = True
     device: str = field(default="cpu", metadata={"help": "cpu, cuda, cuda:N or auto (upsafe_ext.models.load)"})
@@ -93,8 +94,8 @@ class DemoConfig(SerialisableConfig):
             raise ValueError(f"DemoConfig.routing must be 'token' or 'sequence', got {self.routing!r}")
         if self.default_tau is None:
             self.default_tau = DEFAULT_TAU[self.routing]
-        for name, sizes in (("stage2_harmful", {"sequence": 391, "token": 256}),
-                            ("stage2_benign", {"sequence": 391, "token": 320})):
+        for name, sizes in (("stage2_harmful", {"sequence": 256, "token": 256}),
+                            ("stage2_benign", {"sequence": 256, "token": 320})):
             if getattr(self, name) is None:
                 setattr(self, name, sizes[self.routing])
         if not 0 < self.layer_fraction <= 1:
