@@ -425,17 +425,21 @@ def build_examples(records: Sequence[MagicRecord], tokenizer, tokens: MagicToken
             raise ValueError(f"build_examples: records[{i}] is a {type(r).__name__}, expected MagicRecord "
                              "(use load_records)")
     examples = []
+    plain: dict[int, list[int]] = {}  # record index -> its plain prompt ids, encoded once
 
-    def teacher(r: MagicRecord, response: str) -> dict:
+    def teacher(i: int, response: str) -> dict:
+        r = records[i]
         if not (r.meta.get("own_answer") and response == r.negative):
             return {}
-        return {TEACHER_KEY: encode_prompts(tokenizer, [r.messages()])[0]}
+        if i not in plain:
+            plain[i] = encode_prompts(tokenizer, [r.messages()])[0]
+        return {TEACHER_KEY: plain[i]}
 
     for i, r in enumerate(tqdm(records, desc="encode", disable=not progress, leave=False)):
         for m in MODES:
             enc = _encode(tokenizer, tokens.apply(tokenizer, r.messages(), m), r.response(m), config.max_length,
                           f"records[{i}] ({m})")
-            examples.append({**enc, "mode_id": MODE_IDS[m], "variant": "token", **teacher(r, r.response(m))})
+            examples.append({**enc, "mode_id": MODE_IDS[m], "variant": "token", **teacher(i, r.response(m))})
     rng = random.Random(config.data_seed)
     n = len(records)
     no_tok = sorted(rng.sample(range(n), int(round(config.no_token_fraction * n))))
@@ -443,10 +447,10 @@ def build_examples(records: Sequence[MagicRecord], tokenizer, tokens: MagicToken
     for i in no_tok:
         r = records[i]
         enc = _encode(tokenizer, r.messages(), r.positive, config.max_length, f"records[{i}] (no token)")
-        examples.append({**enc, "mode_id": MODE_IDS["positive"], "variant": "no_token", **teacher(r, r.positive)})
+        examples.append({**enc, "mode_id": MODE_IDS["positive"], "variant": "no_token", **teacher(i, r.positive)})
     for i in wrong:
         r = records[i]
         msgs = tokens.place(tokenizer, r.messages(), tokens.wrong_token(rng))
         enc = _encode(tokenizer, msgs, r.positive, config.max_length, f"records[{i}] (wrong token)")
-        examples.append({**enc, "mode_id": MODE_IDS["positive"], "variant": "wrong_token", **teacher(r, r.positive)})
+        examples.append({**enc, "mode_id": MODE_IDS["positive"], "variant": "wrong_token", **teacher(i, r.positive)})
     return MagicDataset(examples)

@@ -51,7 +51,8 @@ def attach_teacher_targets(model, examples: Sequence[dict], top_k: int, *, batch
     try:
         for i in tqdm(range(0, len(todo), batch_size), desc="teacher targets", disable=not progress, leave=False):
             chunk = todo[i: i + batch_size]
-            seqs = [list(e[TEACHER_KEY]) + response_ids(e) for e in chunk]
+            resp = [response_ids(e) for e in chunk]
+            seqs = [list(e[TEACHER_KEY]) + r for e, r in zip(chunk, resp)]
             n = max(len(s) for s in seqs)
             ids = torch.zeros(len(seqs), n, dtype=torch.long)
             mask = torch.zeros(len(seqs), n, dtype=torch.long)
@@ -60,7 +61,7 @@ def attach_teacher_targets(model, examples: Sequence[dict], top_k: int, *, batch
                 mask[j, :len(s)] = 1
             logp = torch.log_softmax(model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float(), -1)
             for j, e in enumerate(chunk):
-                p, r = len(e[TEACHER_KEY]), len(response_ids(e))
+                p, r = len(e[TEACHER_KEY]), len(resp[j])
                 top = logp[j, p - 1: p - 1 + r].topk(k, dim=-1)  # the position before each response token
                 e["soft_ids"] = top.indices.to("cpu", torch.int32)
                 e["soft_logp"] = top.values.to("cpu", torch.float32)

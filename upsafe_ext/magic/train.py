@@ -151,7 +151,8 @@ def train_magic(model, tokenizer, dataset: MagicDataset, tokens: MagicTokens | N
     examples, extra = dataset.examples, None
     if config.distill_top_k is not None:  # soft targets from the base: `teacher`, or the model as it is now
         examples = [dict(e) for e in examples]
-        if not attach_teacher_targets(teacher if teacher is not None else model, examples, config.distill_top_k, batch_size=config.batch_size,
+        base = teacher if teacher is not None else model
+        if not attach_teacher_targets(base, examples, config.distill_top_k, batch_size=config.batch_size,
                                       progress=progress):
             raise ValueError("train_magic: MagicTrainConfig.distill_top_k is set but no example has the base model's "
                              "own answer as its target (build the records with self_distilled_records)")
