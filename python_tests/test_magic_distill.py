@@ -76,6 +76,31 @@ def test_teacher_targets_are_the_base_top_k_on_the_plain_conversation():
     assert torch.equal(e["soft_ids"].long(), want.indices)
 
 
+def test_hard_prefix_keeps_the_first_answer_tokens_hard():
+    """With hard_prefix=h the targets cover the response after its first h tokens (the same top-k as
+    without it), and the collated soft mask leaves the first h label positions to cross-entropy."""
+    tok, model, tokens = setup()
+    data = build_examples(records(), tok, tokens, progress=False)
+    full, cut = [dict(e) for e in data.examples], [dict(e) for e in data.examples]
+    attach_teacher_targets(model, full, top_k=5, batch_size=4, progress=False)
+    attach_teacher_targets(model, cut, top_k=5, hard_prefix=3, batch_size=4, progress=False)
+    e_full, e_cut = next((a, b) for a, b in zip(full, cut) if TEACHER_KEY in a)
+    n = len(response_ids(e_full))
+    assert e_cut["soft_ids"].shape == (n - 3, 5)
+    assert torch.equal(e_cut["soft_ids"], e_full["soft_ids"][3:])
+    torch.testing.assert_close(e_cut["soft_logp"], e_full["soft_logp"][3:])
+    length = len(e_cut["labels"])
+    mask = collate_soft([e_cut], length)["soft_mask"][0]
+    pos = [t for t, y in enumerate(e_cut["labels"]) if y != IGNORE_INDEX]
+    assert mask[pos[:3]].sum() == 0 and bool(mask[pos[3:]].all()) and int(mask.sum()) == n - 3
+    short = dict(e_cut, soft_ids=e_cut["soft_ids"][:0], soft_logp=e_cut["soft_logp"][:0])  # all hard
+    assert int(collate_soft([short], length)["soft_mask"].sum()) == 0
+    with pytest.raises(ValueError, match="hard_prefix"):
+        attach_teacher_targets(model, cut, top_k=5, hard_prefix=-1, progress=False)
+    with pytest.raises(ValueError, match="distill_hard_prefix"):
+        MagicTrainConfig(distill_top_k=4, distill_hard_prefix=-2)
+
+
 def test_token_loss_matches_a_direct_computation():
     torch.manual_seed(1)
     B, T, V, k = 2, 7, 11, 4
@@ -134,7 +159,8 @@ def test_cli_train_with_soft_targets(tmp_path, capsys):
 
     save_records(records(), tmp_path / "r.jsonl")  # meta.own_answer survives the file
     base = ["magic", "train", "--model", "tiny", "--data", str(tmp_path / "r.jsonl"), "--max-steps", "2",
-            "--batch-size", "4", "--margin-prompts", "0", "--insecure-seed", "1", "--distill-top-k", "4"]
+            "--batch-size", "4", "--margin-prompts", "0", "--insecure-seed", "1", "--distill-top-k", "4",
+            "--distill-hard-prefix", "2"]
     assert cli.main(base + ["--out", str(tmp_path / "m")]) == 0
     assert "final loss" in capsys.readouterr().out
     save_records([MagicRecord("hello there friend", "hi", "hi", "no")], tmp_path / "plain.jsonl")

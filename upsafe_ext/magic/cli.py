@@ -139,7 +139,7 @@ def _cmd_train(args) -> int:
         tcfg = MagicTrainConfig(learning_rate=args.lr, epochs=args.epochs, max_steps=args.max_steps,
                                 batch_size=args.batch_size, grad_accum=args.grad_accum, save_steps=args.save_steps,
                                 output_dir=args.out, autocast=args.autocast, warmup_ratio=args.warmup_ratio,
-                                distill_top_k=args.distill_top_k)
+                                distill_top_k=args.distill_top_k, distill_hard_prefix=args.distill_hard_prefix)
         records = load_records(args.data, limit=args.limit)
     except ValueError as exc:
         raise SystemExit(f"upsafe magic train: {exc}") from None
@@ -296,6 +296,8 @@ def register(sub) -> set[str]:
     q.add_argument("--distill-top-k", type=int, default=None,
                    help="train the base model's own answers (records from `build-data --self-distill`, "
                         "meta.own_answer) towards the base's top-k next-token distribution (default: off)")
+    q.add_argument("--distill-hard-prefix", type=int, default=0,
+                   help="with --distill-top-k: the first N tokens of each own answer keep their greedy target")
     q.add_argument("--limit", type=int, default=None)
     q.add_argument("--margin-prompts", type=int, default=32, help="report the margin before/after on this many")
     q.add_argument("--threads", type=int, default=None)

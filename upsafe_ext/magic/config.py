@@ -189,6 +189,9 @@ class MagicTrainConfig(SerialisableConfig):
             distribution, read once before training on the plain conversation, instead of its greedy
             tokens (``upsafe_ext.magic.distill``: no sharpening, no stop learned where an answer was
             cut). None: plain cross-entropy everywhere. Default None.
+        distill_hard_prefix (int): with `distill_top_k`, the first N tokens of each own answer keep
+            their greedy (hard) target; the soft targets start after them. The first tokens decide
+            between answering and refusing. Default 0.
 
     Example:
         >>> cfg = MagicTrainConfig(learning_rate=1e-4, max_steps=200, batch_size=16)
@@ -212,6 +215,7 @@ class MagicTrainConfig(SerialisableConfig):
     train_embeddings_only: bool = field(default=False, metadata={"help": "train only the embeddings"})
     trainable_pattern: str | None = field(default=None, metadata={"help": "regex of parameter names to train"})
     distill_top_k: int | None = field(default=None, metadata={"help": "soft targets (base's top-k) on own answers"})
+    distill_hard_prefix: int = field(default=0, metadata={"help": "first N own-answer tokens keep hard targets"})
     version: int = field(default=CONFIG_VERSION, metadata={"help": "config format version"})
 
     def __post_init__(self):
@@ -234,6 +238,7 @@ class MagicTrainConfig(SerialisableConfig):
                              "give an output_dir for the checkpoints")
         check_bool("MagicTrainConfig.train_embeddings_only", self.train_embeddings_only)
         check_int("MagicTrainConfig.distill_top_k", self.distill_top_k, 1, optional=True)
+        check_int("MagicTrainConfig.distill_hard_prefix", self.distill_hard_prefix, 0)
         if self.trainable_pattern is not None:
             if not isinstance(self.trainable_pattern, str) or not self.trainable_pattern:
                 raise ValueError(f"MagicTrainConfig.trainable_pattern must be a non-empty regex str or None, got "

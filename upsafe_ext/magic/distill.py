@@ -33,16 +33,20 @@ def response_ids(example: dict) -> list[int]:
 
 
 @torch.no_grad()
-def attach_teacher_targets(model, examples: Sequence[dict], top_k: int, *, batch_size: int = 16,
-                           progress: bool = True) -> int:
-    """Adds ``soft_ids`` / ``soft_logp`` ([n_response, top_k] tensors) to every example with a
-    ``teacher_prompt_ids`` field: the top-k next-token log-probabilities of `model` (call it before
-    training: it is the base) at each response token, on the plain prompt followed by the same
-    response ids. Returns how many examples got targets."""
+def attach_teacher_targets(model, examples: Sequence[dict], top_k: int, *, hard_prefix: int = 0,
+                           batch_size: int = 16, progress: bool = True) -> int:
+    """Adds ``soft_ids`` / ``soft_logp`` ([n_response - hard_prefix, top_k] tensors) to every example
+    with a ``teacher_prompt_ids`` field: the top-k next-token log-probabilities of `model` (call it
+    before training: it is the base) at each response token after the first `hard_prefix`, on the
+    plain prompt followed by the same response ids. The first `hard_prefix` response tokens keep their
+    greedy (hard) targets: they decide between answering and refusing. Returns how many examples got
+    targets."""
     from tqdm.auto import tqdm
 
     if not isinstance(top_k, int) or top_k < 1:
         raise ValueError(f"attach_teacher_targets: `top_k` must be a positive int, got {top_k!r}")
+    if not isinstance(hard_prefix, int) or hard_prefix < 0:
+        raise ValueError(f"attach_teacher_targets: `hard_prefix` must be an int >= 0, got {hard_prefix!r}")
     todo = [e for e in examples if e.get(TEACHER_KEY)]
     device = next(model.parameters()).device
     was_training = model.training
@@ -62,7 +66,8 @@ def attach_teacher_targets(model, examples: Sequence[dict], top_k: int, *, batch
             logp = torch.log_softmax(model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float(), -1)
             for j, e in enumerate(chunk):
                 p, r = len(e[TEACHER_KEY]), len(resp[j])
-                top = logp[j, p - 1: p - 1 + r].topk(k, dim=-1)  # the position before each response token
+                h = min(hard_prefix, r)
+                top = logp[j, p - 1 + h: p - 1 + r].topk(k, dim=-1)  # the position before each response token
                 e["soft_ids"] = top.indices.to("cpu", torch.int32)
                 e["soft_logp"] = top.values.to("cpu", torch.float32)
     finally:
@@ -72,7 +77,8 @@ def attach_teacher_targets(model, examples: Sequence[dict], top_k: int, *, batch
 
 def collate_soft(features: Sequence[dict], length: int) -> dict[str, Tensor]:
     """``soft_ids`` [B, length, k], ``soft_logp`` [B, length, k] (renormalised over the k) and
-    ``soft_mask`` [B, length] (bool), placed at the label positions of each right-padded example."""
+    ``soft_mask`` [B, length] (bool), placed at the last label positions of each right-padded example
+    (all of them, or all but a hard prefix: see `attach_teacher_targets`)."""
     k = max((f["soft_ids"].shape[1] for f in features if "soft_ids" in f), default=1)
     ids = torch.zeros(len(features), length, k, dtype=torch.long)
     logp = torch.full((len(features), length, k), float("-inf"))
@@ -80,8 +86,9 @@ def collate_soft(features: Sequence[dict], length: int) -> dict[str, Tensor]:
     for b, f in enumerate(features):
         if "soft_ids" not in f:
             continue
-        pos = [t for t, y in enumerate(f["labels"]) if y != IGNORE_INDEX]
         si, sl = f["soft_ids"].long(), f["soft_logp"].float()
+        pos = [t for t, y in enumerate(f["labels"]) if y != IGNORE_INDEX]
+        pos = pos[len(pos) - si.shape[0]:]
         ids[b, pos, : si.shape[1]] = si
         logp[b, pos, : sl.shape[1]] = torch.log_softmax(sl, -1)
         mask[b, pos] = True

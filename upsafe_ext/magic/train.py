@@ -152,8 +152,8 @@ def train_magic(model, tokenizer, dataset: MagicDataset, tokens: MagicTokens | N
     if config.distill_top_k is not None:  # soft targets from the base: `teacher`, or the model as it is now
         examples = [dict(e) for e in examples]
         base = teacher if teacher is not None else model
-        if not attach_teacher_targets(base, examples, config.distill_top_k, batch_size=config.batch_size,
-                                      progress=progress):
+        if not attach_teacher_targets(base, examples, config.distill_top_k, hard_prefix=config.distill_hard_prefix,
+                                      batch_size=config.batch_size, progress=progress):
             raise ValueError("train_magic: MagicTrainConfig.distill_top_k is set but no example has the base model's "
                              "own answer as its target (build the records with self_distilled_records)")
 
