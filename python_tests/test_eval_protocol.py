@@ -123,9 +123,13 @@ def test_sets_are_style_balanced_and_sized():
 def test_training_mix_is_style_balanced_and_augments_both_sides():
     harm, ben = training_mix(300, 300)
     assert len(harm) == 300 and len(ben) == 300
-    for side in (harm, ben):
-        share_q = sum(prompt_style(p) == "question" for p in side) / len(side)
-        assert 0.3 < share_q < 0.8, share_q
+    share_q = [sum(prompt_style(p) == "question" for p in side) / len(side) for side in (harm, ben)]
+    assert all(0.3 < s < 0.85 for s in share_q) and abs(share_q[0] - share_q[1]) < 0.2, share_q
+    # every train question template opens benign prompts too (the harmful side's questions are AdvBench
+    # through them): at least half as often as harmful ones, so an opening is no refusal cue by itself
+    for opening in ("Can you ", "Is it possible for you to "):
+        n_h, n_b = (sum(p.startswith(opening) for p in side) for side in (harm, ben))
+        assert n_h > 10 and n_b >= n_h / 2, (opening, n_h, n_b)
     # frames and suffixes appear on benign prompts too, so they are no refusal cue by themselves
     assert any(p.startswith(("Let's play a game", "Pretend you are", "You are a helpful assistant in")) for p in ben)
     assert training_mix(300, 300) == (harm, ben)

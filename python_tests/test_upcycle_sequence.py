@@ -206,12 +206,40 @@ def test_fit_needs_both_sides(tok):
         fit_sequence_routers(sequence_model(), tok, HARMFUL, [], progress=False)
 
 
+def test_kl_to_the_base_is_the_routed_prompts_tokens_over_all_tokens(model, tok):
+    """evaluate_at runs only the routed prompts (at τ=1, their route) and divides by every prompt's
+    response tokens: the same number as the per-token KL of all prompts at τ=1 with the unrouted ones
+    zeroed (an unrouted prompt is the base model)."""
+    from upsafe_ext.eval.generation import chat
+    from upsafe_ext.eval.metrics import mean_kl
+    from upsafe_ext.upcycle import safety_temperature
+    from upsafe_ext.upcycle.pipeline import evaluate_at
+
+    prompts, answers = HARMFUL + BENIGN, [f"an answer of {i} words or so" * (i + 1) for i in range(6)]
+    ids, mask = batch(tok, prompts)
+    routes = sequence_routes(model, ids, mask, 0.5).tolist()
+    assert 0 < sum(routes) < len(routes)  # a mixed batch
+
+    def base(input_ids, attention_mask):
+        with safety_temperature(model, 0.0):
+            return model(input_ids=input_ids, attention_mask=attention_mask).logits
+
+    with safety_temperature(model, 1.0):
+        _, per = mean_kl(model, base, tok, [chat(p) for p in prompts], answers, progress=False, return_per_token=True)
+    want = sum(float(k.sum()) for k, r in zip(per, routes) if r) / sum(len(k) for k in per)
+    got = evaluate_at(model, tok, [], tau=0.5, kl_prompts=prompts, base_answers=answers, progress=False)
+    assert want > 0 and got["kl_benign"] == pytest.approx(want, rel=1e-5)
+    assert got["routed_benign"] == sum(routes) / len(routes)
+    assert evaluate_at(model, tok, [], tau=0.0, kl_prompts=prompts, base_answers=answers, progress=False)[
+        "kl_benign"] == 0.0
+
+
 def test_demo_config_resolves_the_val_choices_per_routing():
     from upsafe_ext.upcycle import DemoConfig
     from upsafe_ext.upcycle.pipeline import DEFAULT_TAU
 
     seq, tok_ = DemoConfig(), DemoConfig(routing="token")
-    assert (seq.routing, seq.default_tau, seq.stage2_harmful, seq.stage2_benign) == ("sequence", 0.4, 256, 256)
+    assert (seq.routing, seq.default_tau, seq.stage2_harmful, seq.stage2_benign) == ("sequence", 0.6, 256, 256)
     assert (tok_.default_tau, tok_.stage2_harmful, tok_.stage2_benign) == (0.5, 256, 320)
     for routing, tau in DEFAULT_TAU.items():
         q = DemoConfig.quick(routing=routing)
@@ -230,7 +258,7 @@ def test_demo_end_to_end_on_a_tiny_model_routes_per_sequence(tmp_path):
     model, tok = tiny_causal_lm("llama"), tiny_tokenizer()
     cfg = DemoConfig(out_dir=str(tmp_path), split="val", scan_prompts=8, layer_fraction=0.5, stage1_prompts=8,
                      stage2_harmful=8, stage2_benign=8, eval_harmful=2, eval_benign=2, eval_base=1,
-                     sweep_prompts=2, max_new_tokens=3, taus=(0.0, 0.4, 1.0))
+                     sweep_prompts=2, max_new_tokens=3, taus=(0.0, 0.6, 1.0))
     report = run_demo(cfg, progress=False, model=model, tokenizer=tok)
     s2 = report["training"]["stage2"]
     assert len(s2) == 1 and s2[0]["n_harmful"] == 8 and s2[0]["n_benign"] == 8 and 0 <= s2[0]["train_bce"]
@@ -238,8 +266,8 @@ def test_demo_end_to_end_on_a_tiny_model_routes_per_sequence(tmp_path):
     routed = {r["tau"]: r["routed_benign"] for r in report["sweep"]}
     assert kl[0.0] == 0.0 and routed[0.0] == 0.0 and routed[1.0] == 1.0 and kl[1.0] > 0
     assert all(0 <= v["routed"] <= 1 and 0 <= v["refused_not_routed"] <= v["n"] for v in report["after"].values())
-    assert get_upcycle_config(model).safety_temperature == 0.4  # the demo's τ is the saved default
-    assert "Routed to the safety experts at τ=0.4" in format_report(report)
+    assert get_upcycle_config(model).safety_temperature == 0.6  # the demo's τ is the saved default
+    assert "Routed to the safety experts at τ=0.6" in format_report(report)
     loaded = load_upcycled(report["model_dir"])
     assert [m.routing for _, m in safety_moe_modules(loaded)] == ["sequence"] * 2
 

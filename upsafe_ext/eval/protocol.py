@@ -161,7 +161,9 @@ def training_mix(n_harmful: int | None = None, n_benign: int | None = None, *, a
     harmful = _interleave([adv[0::2], [rephrase(p, "question", "train") for p in adv[1::2]], rho_h])
     sg_imp, sg_q = sharegpt_prompts(split, "imperative"), sharegpt_prompts(split, "question")
     rho_b = benign_prompts(split, sources=TRAIN_BENIGN_SOURCES)
-    benign = _interleave([sg_imp, sg_q, rho_b, overrefusal_prompts(split)])
+    # the same question rewrite for half of the benign imperatives: no train template opens only harmful prompts
+    benign = _interleave([sg_imp[0::2], [rephrase(p, "question", "train") for p in sg_imp[1::2]], sg_q, rho_b,
+                          overrefusal_prompts(split)])
     harmful, benign = harmful[:n_harmful], benign[:n_benign]
 
     def aug(p: str, side: str) -> str:

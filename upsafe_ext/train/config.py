@@ -44,6 +44,9 @@ STAGE1_LB_COEF = 0.01
 SPARSE_LR = 1e-4
 FULL_SFT_LR = 2e-5
 FULL_SFT_BETAS = (0.9, 0.95)
+SEQUENCE_L2 = 0.3
+"""L2 of the sequence-routing router fit (``upcycle.sequence``), chosen on val
+(``benchmarks/val/sequence_routing_val.md``)."""
 
 AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 """Autocast names of the configs (``autocast`` fields) -> the torch dtype (None: autocast off)."""
@@ -109,7 +112,7 @@ class UpSafeTrainConfig(SerialisableConfig):
     stage2_lb_coef: float = field(default=0.0, metadata={"help": "stage 2 load balancing"})
     sup_coef: float = field(default=1.0, metadata={"help": "stage 2 router supervision"})
     warm_start: bool = field(default=True, metadata={"help": "stage 2: logistic-probe router initialisation"})
-    sequence_l2: float = field(default=0.3, metadata={"help": "stage 2 L2 for routing='sequence' models"})
+    sequence_l2: float = field(default=SEQUENCE_L2, metadata={"help": "stage 2 L2 for routing='sequence' models"})
     sup_tokens: int | None = field(default=None, metadata={"help": "supervised response tokens (None: all)"})
     system: str | None = field(default=None, metadata={"help": "system prompt (None: the template's own)"})
     max_length: int = field(default=256, metadata={"help": "token limit per example"})

@@ -19,6 +19,7 @@ import torch
 
 from .._config import SerialisableConfig
 from ..saving import atomic_file
+from ..train.config import SEQUENCE_L2
 from .config import UpcycleConfig
 from .hf import routes_per_sequence
 from .model import safety_moe_modules, safety_temperature, upcycle_
@@ -28,7 +29,7 @@ from .sequence import prompt_routes
 # the default τ of each routing, chosen on val (README): the largest safety on the unseen harmful val sets
 # whose ShareGPT val over-refusal stays <= 0.05 (`benchmarks/sequence_routing_val.py` for 'sequence', with
 # the whole ShareGPT val slice; benchmarks/val/sequence_routing_val.md)
-DEFAULT_TAU = {"sequence": 0.4, "token": 0.5}
+DEFAULT_TAU = {"sequence": 0.6, "token": 0.5}
 
 
 @dataclass
@@ -49,7 +50,7 @@ class DemoConfig(SerialisableConfig):
     router_grad: str = field(default="straight_through", metadata={"help": "UpcycleConfig.router_grad"})
     routing: str = field(default="sequence", metadata={"help": "UpcycleConfig.routing: 'sequence' (one decision "
                                                                 "per request; chosen on val) or 'token'"})
-    sequence_l2: float = field(default=0.3, metadata={"help": "routing='sequence': L2 of the router fit (chosen on val)"})
+    sequence_l2: float = field(default=SEQUENCE_L2, metadata={"help": "routing='sequence': L2 of the router fit (chosen on val)"})
     augment: float = field(default=0.35, metadata={"help": "share of training prompts rewritten (train templates)"})
     stage1_prompts: int = field(default=256, metadata={"help": "harmful training prompts for stage 1"})
     stage1_epochs: float = 1.0
@@ -70,8 +71,8 @@ class DemoConfig(SerialisableConfig):
     max_new_tokens: int = 32
     gen_batch_size: int = 32
     default_tau: float | None = field(default=None, metadata={"help": "the τ the table reports, chosen on val (None: "
-                                                                     "0.4 with routing='sequence', 0.5 with 'token')"})
-    taus: tuple = (0.0, 0.25, 0.4, 0.5, 0.75, 1.0)
+                                                                     "0.6 with routing='sequence', 0.5 with 'token')"})
+    taus: tuple = (0.0, 0.25, 0.5, 0.6, 0.75, 1.0)
     seed: int = 0
     save_model: bool = True
     device: str = field(default="cpu", metadata={"help": "cpu, cuda, cuda:N or auto (upsafe_ext.models.load)"})
@@ -119,6 +120,7 @@ def evaluate_at(model, tokenizer, sets, *, tau: float, kl_prompts: Sequence[str]
     from ..eval.generation import chat
     from ..eval.metrics import mean_kl
     from ..eval.protocol import evaluate_sets
+    from ..train.sft import IGNORE_INDEX, encode_sft
 
     t0 = time.time()
     upcycled = bool(safety_moe_modules(model))
@@ -140,13 +142,18 @@ def evaluate_at(model, tokenizer, sets, *, tau: float, kl_prompts: Sequence[str]
             if not routes_per_sequence(model):
                 out["kl_benign"] = mean_kl(model, reference, tokenizer, convs, base_answers, progress=progress)
             else:  # a prompt not routed to the safety experts is the base model: KL exactly 0 on its tokens
-                routes = prompt_routes(model, tokenizer, kl_prompts, tau, progress=progress)
-                with safety_temperature(model, 1.0):
-                    _, per = mean_kl(model, reference, tokenizer, convs, base_answers, progress=progress,
-                                     return_per_token=True)
-                tokens = sum(len(k) for k in per)
-                out["kl_benign"] = sum(float(k.sum()) for k, r in zip(per, routes.tolist()) if r) / max(tokens, 1)
-                out["routed_benign"] = float(routes.mean())
+                routes = prompt_routes(model, tokenizer, kl_prompts, tau, progress=progress).tolist()
+                routed = [i for i, r in enumerate(routes) if r]
+                kl_sum = 0.0
+                if routed:  # only the routed prompts are run (at τ=1: their route)
+                    with safety_temperature(model, 1.0):
+                        _, per = mean_kl(model, reference, tokenizer, [convs[i] for i in routed],
+                                         [base_answers[i] for i in routed], progress=progress, return_per_token=True)
+                    kl_sum = sum(float(k.sum()) for k in per)
+                tokens = sum(sum(y != IGNORE_INDEX for y in encode_sft(tokenizer, c, a)["labels"])
+                             for c, a in zip(convs, base_answers))  # mean_kl's response tokens, all prompts
+                out["kl_benign"] = kl_sum / max(tokens, 1)
+                out["routed_benign"] = sum(routes) / len(routes)
     out["seconds"] = round(time.time() - t0, 1)
     return out
 

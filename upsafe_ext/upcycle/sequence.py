@@ -32,6 +32,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from ..train.config import SEQUENCE_L2
 from .layer import current_tau, is_pure_tau, request_safety_temperature, request_tau, safety_moe_modules
 from .scan import fit_probe_params, map_prompts
 
@@ -163,7 +164,7 @@ def prompt_routes(model, tokenizer, prompts: Sequence[str], tau, *, system: str 
 
 
 @torch.no_grad()
-def fit_sequence_routers(model, tokenizer, harmful: Sequence[str], benign: Sequence[str], *, l2: float = 0.3,
+def fit_sequence_routers(model, tokenizer, harmful: Sequence[str], benign: Sequence[str], *, l2: float = SEQUENCE_L2,
                          system: str | None = None, batch_size: int = 16, max_length: int = 256,
                          progress: bool = True) -> dict:
     """Fit every router for sequence routing: one logistic probe (``scan.fit_probe_params``, L2 ``l2`` on
@@ -180,7 +181,7 @@ def fit_sequence_routers(model, tokenizer, harmful: Sequence[str], benign: Seque
 
 
 @torch.no_grad()
-def set_sequence_routers(model, x: Tensor, y: Tensor, l2: float = 0.3) -> dict:
+def set_sequence_routers(model, x: Tensor, y: Tensor, l2: float = SEQUENCE_L2) -> dict:
     """The fit of :func:`fit_sequence_routers` from router inputs ``x [n, L, 2, H]`` (``prompt_router_inputs``)
     and labels ``y [n]`` (1 = harmful). Sets every router; returns {"train_accuracy", "train_bce"}."""
     mods = _modules(model)
