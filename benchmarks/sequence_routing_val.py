@@ -17,6 +17,12 @@ whose whole-slice ShareGPT over-refusal is <= 0.05 in each style (the target; th
 0.017 / 0.031 of the slice) and edgy <= 0.10; ties go to the lower pooled whole-slice ShareGPT over-refusal.
 
     python benchmarks/sequence_routing_val.py --rows-from OLD.json   # re-apply the rule to measured rows
+
+Records: ``sequence_routing_val.md`` is the current training mix (benign imperatives through the same
+question templates as harmful ones); its τ=0 / τ=1 judged replies are those of the stage-1 model of the
+previous mix (``--cache``; the routes are computed anew from the base model; that model's stage-1 experts
+refuse every harmful val prompt at τ=1). ``sequence_routing_val_mix1.md`` is the previous mix,
+``_sharegpt48`` the earlier rule, ``_last_only*`` the generation-position read-out alone.
 """
 from __future__ import annotations
 
