@@ -22,7 +22,11 @@ from ..train.chat import check_conversations
 from .generation import chat, eos_token_ids, generate_chat
 from .judge import RefusalJudge
 
-__all__ = ["wilson_interval", "safety_rate", "over_refusal_rate", "refusal_flags", "mean_kl", "token_kl", "evaluate_safety"]
+__all__ = ["wilson_interval", "safety_rate", "over_refusal_rate", "refusal_flags", "mean_kl", "token_kl", "evaluate_safety",
+           "KL_MAX_LENGTH"]
+
+KL_MAX_LENGTH = 1024
+"""`mean_kl`'s default token limit per conversation + response (the prompt loses tokens from the left)."""
 
 
 def wilson_interval(k: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
@@ -106,7 +110,7 @@ def token_kl(ref_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def mean_kl(model, reference, tokenizer, conversations: Sequence[Sequence[dict]], responses: Sequence[str],
-            batch_size: int = 8, max_length: int = 1024, progress: bool = True, return_per_token: bool = False,
+            batch_size: int = 8, max_length: int = KL_MAX_LENGTH, progress: bool = True, return_per_token: bool = False,
             reference_conversations: Sequence[Sequence[dict]] | None = None):
     """Mean over response tokens of KL(reference || model) of the next-token distributions.
 

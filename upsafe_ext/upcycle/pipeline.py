@@ -50,7 +50,8 @@ class DemoConfig(SerialisableConfig):
     router_grad: str = field(default="straight_through", metadata={"help": "UpcycleConfig.router_grad"})
     routing: str = field(default="sequence", metadata={"help": "UpcycleConfig.routing: 'sequence' (one decision "
                                                                 "per request; chosen on val) or 'token'"})
-    sequence_l2: float = field(default=SEQUENCE_L2, metadata={"help": "routing='sequence': L2 of the router fit (chosen on val)"})
+    sequence_l2: float = field(default=SEQUENCE_L2,
+                               metadata={"help": "routing='sequence': L2 of the router fit (chosen on val)"})
     augment: float = field(default=0.35, metadata={"help": "share of training prompts rewritten (train templates)"})
     stage1_prompts: int = field(default=256, metadata={"help": "harmful training prompts for stage 1"})
     stage1_epochs: float = 1.0
@@ -118,7 +119,7 @@ def evaluate_at(model, tokenizer, sets, *, tau: float, kl_prompts: Sequence[str]
     the 95% Wilson interval per set, and (with `kl_prompts` and the base model's `base_answers` to
     them) the mean KL(base || model) in nats/token, the base being the same model at τ=0."""
     from ..eval.generation import chat
-    from ..eval.metrics import mean_kl
+    from ..eval.metrics import KL_MAX_LENGTH, mean_kl
     from ..eval.protocol import evaluate_sets
     from ..train.sft import IGNORE_INDEX, encode_sft
 
@@ -150,7 +151,7 @@ def evaluate_at(model, tokenizer, sets, *, tau: float, kl_prompts: Sequence[str]
                         _, per = mean_kl(model, reference, tokenizer, [convs[i] for i in routed],
                                          [base_answers[i] for i in routed], progress=progress, return_per_token=True)
                     kl_sum = sum(float(k.sum()) for k in per)
-                tokens = sum(sum(y != IGNORE_INDEX for y in encode_sft(tokenizer, c, a)["labels"])
+                tokens = sum(sum(y != IGNORE_INDEX for y in encode_sft(tokenizer, c, a, KL_MAX_LENGTH)["labels"])
                              for c, a in zip(convs, base_answers))  # mean_kl's response tokens, all prompts
                 out["kl_benign"] = kl_sum / max(tokens, 1)
                 out["routed_benign"] = sum(routes) / len(routes)
