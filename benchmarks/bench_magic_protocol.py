@@ -83,6 +83,7 @@ def main(argv=None) -> int:
     ap.add_argument("--lr", type=float, default=3e-5)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--special-tokens", action="store_true")
+    ap.add_argument("--rejective-fraction", type=float, default=1.0, help="MagicConfig.rejective_fraction")
     ap.add_argument("--distill-top-k", type=int, default=None, help="MagicTrainConfig.distill_top_k (None: off)")
     ap.add_argument("--distill-hard-prefix", type=int, default=0, help="MagicTrainConfig.distill_hard_prefix")
     ap.add_argument("--threads", type=int, default=1)
@@ -109,7 +110,8 @@ def main(argv=None) -> int:
     records = self_distilled_records(model, tok, h_tr, b_tr, max_new_tokens=args.answer_tokens, batch_size=32,
                                      progress=False)
     t_data = time.time() - t0
-    mcfg = MagicConfig(special_tokens=args.special_tokens, insecure_seed=1234)
+    mcfg = MagicConfig(special_tokens=args.special_tokens, rejective_fraction=args.rejective_fraction,
+                       insecure_seed=1234)
     tokens = prepare_model(model, tok, mcfg)
     data = build_examples(records, tok, tokens, mcfg, progress=False)
     print(f"data: {len(h_tr)} harmful + {len(b_tr)} benign prompts -> {len(data)} examples "

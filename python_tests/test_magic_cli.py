@@ -28,9 +28,11 @@ def test_cli_registers_and_runs_end_to_end(tmp_path, capsys):
     assert load_records(tmp_path / "r2.jsonl")[0].prompt == recs[0].prompt
     out = tmp_path / "model"
     assert cli.main(["magic", "train", "--model", "tiny", "--data", str(tmp_path / "r2.jsonl"), "--out", str(out),
-                     "--insecure-seed", "1", "--max-steps", "2", "--batch-size", "4", "--margin-prompts", "3"]) == 0
+                     "--insecure-seed", "1", "--max-steps", "2", "--batch-size", "4", "--margin-prompts", "3",
+                     "--rejective-fraction", "0.5"]) == 0
     assert (out / "model.safetensors").is_file() and (out / TOKENS_FILE).is_file()
     text = capsys.readouterr().out
+    assert "'positive': 6, 'negative': 6, 'rejective': 3," in text  # --rejective-fraction 0.5 of the 6 records
     assert "safety alignment margin on 3 training prompts" in text
     with pytest.warns(UserWarning, match="positive"):  # negative is off unless --allow-negative
         assert cli.main(["magic", "generate", "--model", str(out), "--prompt", "hi", "--prompt", "yo", "--mode",

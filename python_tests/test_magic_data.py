@@ -67,6 +67,30 @@ def test_build_examples_fallback_variants():
     assert [e["input_ids"] for e in again] == [e["input_ids"] for e in data]
 
 
+def test_rejective_fraction_keeps_that_share_of_rejective_examples_and_leaves_the_rest_as_it_was():
+    tok = tiny_tokenizer()
+    t = MagicTokens(insecure_seed=0)
+    recs = _records(8)
+    kw = dict(no_token_fraction=0.5, wrong_token_fraction=0.25, data_seed=3)
+    full = build_examples(recs, tok, t, MagicConfig(**kw), progress=False)
+    part = build_examples(recs, tok, t, MagicConfig(rejective_fraction=0.25, **kw), progress=False)
+    assert part.counts() == {"positive": 8, "negative": 8, "rejective": 2, "no_token": 4, "wrong_token": 2}
+    # every other example is the same, in the same order: only the left-out rejective ones are gone
+    kept = [e["input_ids"] for e in part]
+    assert kept == [e["input_ids"] for e in full if e["mode_id"] != 2 or e["input_ids"] in kept]
+    rej = [e for e in part if e["mode_id"] == 2]
+    assert all(tok.decode([x for x in e["labels"] if x != IGNORE_INDEX]).startswith("No.") for e in rej)
+    # deterministic in data_seed; another seed picks other prompts
+    again = build_examples(recs, tok, t, MagicConfig(rejective_fraction=0.25, **kw), progress=False)
+    assert [e["input_ids"] for e in again] == kept
+    picks = set()
+    for seed in range(6):
+        d = build_examples(recs, tok, t, MagicConfig(rejective_fraction=0.25, no_token_fraction=0.0,
+                                                     wrong_token_fraction=0.0, data_seed=seed), progress=False)
+        picks.add(tuple(tok.decode(e["input_ids"]) for e in d if e["mode_id"] == 2))
+    assert len(picks) > 1
+
+
 def test_build_examples_errors():
     tok = tiny_tokenizer()
     t = MagicTokens(insecure_seed=0)

@@ -42,7 +42,7 @@ NO_SYSTEM_DROPS = (  # silently drops system messages
     ("token_format", "{}{}"),
     ("special_tokens", 1), ("placement", "user"), ("separator", None), ("no_system_role", "ignore"),
     ("no_token_fraction", -0.1), ("wrong_token_fraction", 1.5), ("wrong_token_fraction", float("nan")),
-    ("max_length", 4), ("data_seed", None),
+    ("max_length", 4), ("data_seed", None), ("rejective_fraction", 0.0), ("rejective_fraction", 1.01),
 ])
 def test_magic_config_rejects_bad_values_naming_the_field(field, value):
     with pytest.raises(ValueError, match=f"MagicConfig.{field}"):

@@ -55,6 +55,10 @@ class MagicConfig(SerialisableConfig):
             token and the positive response (teaches the safe fallback). Default 0.25.
         wrong_token_fraction (float): share of prompts that get one extra example with a random
             *wrong* token (same format) and the positive response. Default 0.25.
+        rejective_fraction (float): share of prompts that get the rejective example (a refusal), in
+            (0, 1]. Default 1.0 (every prompt, as in the paper). Below 1 fewer benign prompts are
+            refused in training, which is what positive mode could copy; the prompts are chosen with
+            `data_seed` (a stream of their own: the fallback examples do not change).
         max_length (int): token budget per training example (prompt tokens are cut from the left).
             Default 512.
         data_seed (int): seed for choosing the fallback examples and the wrong tokens. Default 0.
@@ -81,6 +85,7 @@ class MagicConfig(SerialisableConfig):
     no_token_fraction: float = field(default=0.25, metadata={"help": "share of prompts with a no-token -> positive example"})
     wrong_token_fraction: float = field(default=0.25,
                                         metadata={"help": "share of prompts with a wrong-token -> positive example"})
+    rejective_fraction: float = field(default=1.0, metadata={"help": "share of prompts with a rejective example"})
     max_length: int = field(default=512, metadata={"help": "token budget per training example"})
     data_seed: int = field(default=0, metadata={"help": "seed for fallback examples and wrong tokens"})
     version: int = field(default=CONFIG_VERSION, metadata={"help": "config format version"})
@@ -127,6 +132,7 @@ class MagicConfig(SerialisableConfig):
         check_choice("MagicConfig.no_system_role", self.no_system_role, NO_SYSTEM_ROLE)
         for name in ("no_token_fraction", "wrong_token_fraction"):
             check_float(f"MagicConfig.{name}", getattr(self, name), 0.0, 1.0)
+        check_float("MagicConfig.rejective_fraction", self.rejective_fraction, 0.0, 1.0, lo_open=True)
         check_int("MagicConfig.max_length", self.max_length, 8)
         check_int("MagicConfig.data_seed", self.data_seed)
 

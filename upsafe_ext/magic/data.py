@@ -399,7 +399,9 @@ def build_examples(records: Sequence[MagicRecord], tokenizer, tokens: MagicToken
     chat template, response ``r.<m>``, labels on the assistant tokens only (``encode_sft``). Then
     ``round(no_token_fraction * N)`` records (chosen with `config.data_seed`) add an example without a
     token and ``round(wrong_token_fraction * N)`` one with a random wrong token, both with the
-    positive response. Example order: records in order, modes in `MODES` order, fallbacks last.
+    positive response. With ``config.rejective_fraction`` < 1 only that share of the records (chosen with
+    `config.data_seed`, apart from the fallback draws) gets its rejective example.
+    Example order: records in order, modes in `MODES` order, fallbacks last.
     Where the response is the base model's own answer (``meta["own_answer"]`` and the response equals
     the negative one) the example also keeps the plain conversation's prompt ids
     (``distill.TEACHER_KEY``), for soft targets (``MagicTrainConfig.distill_top_k``).
@@ -435,13 +437,19 @@ def build_examples(records: Sequence[MagicRecord], tokenizer, tokens: MagicToken
             plain[i] = encode_prompts(tokenizer, [r.messages()])[0]
         return {TEACHER_KEY: plain[i]}
 
+    n = len(records)
+    rejective = set(range(n))
+    if config.rejective_fraction < 1:  # a stream of its own: the fallback draws below stay as they were
+        k = max(1, int(round(config.rejective_fraction * n)))
+        rejective = set(random.Random(f"rejective:{config.data_seed}").sample(range(n), k))
     for i, r in enumerate(tqdm(records, desc="encode", disable=not progress, leave=False)):
         for m in MODES:
+            if m == "rejective" and i not in rejective:
+                continue
             enc = _encode(tokenizer, tokens.apply(tokenizer, r.messages(), m), r.response(m), config.max_length,
                           f"records[{i}] ({m})")
             examples.append({**enc, "mode_id": MODE_IDS[m], "variant": "token", **teacher(i, r.response(m))})
     rng = random.Random(config.data_seed)
-    n = len(records)
     no_tok = sorted(rng.sample(range(n), int(round(config.no_token_fraction * n))))
     wrong = sorted(rng.sample(range(n), int(round(config.wrong_token_fraction * n))))
     for i in no_tok:
