@@ -56,8 +56,7 @@ class DemoConfig(SerialisableConfig):
     stage1_prompts: int = field(default=256, metadata={"help": "harmful training prompts for stage 1"})
     stage1_epochs: float = 1.0
     stage1_lr: float = 2e-4
-    stage2_harmful: int | None = field(default=None, metadata={"help": "harmful training prompts for stage 2 (None: "
-                                                                      "256, with either routing)"})
+    stage2_harmful: int = field(default=256, metadata={"help": "harmful training prompts for stage 2"})
     stage2_benign: int | None = field(default=None, metadata={"help": "benign training prompts for stage 2 (None: "
                                                                      "256 with 'sequence', 320 with 'token')"})
     stage2_epochs: float = 1.5
@@ -96,10 +95,8 @@ class DemoConfig(SerialisableConfig):
             raise ValueError(f"DemoConfig.routing must be 'token' or 'sequence', got {self.routing!r}")
         if self.default_tau is None:
             self.default_tau = DEFAULT_TAU[self.routing]
-        for name, sizes in (("stage2_harmful", {"sequence": 256, "token": 256}),
-                            ("stage2_benign", {"sequence": 256, "token": 320})):
-            if getattr(self, name) is None:
-                setattr(self, name, sizes[self.routing])
+        if self.stage2_benign is None:
+            self.stage2_benign = {"sequence": 256, "token": 320}[self.routing]
         if not 0 < self.layer_fraction <= 1:
             raise ValueError(f"DemoConfig.layer_fraction must be in (0, 1], got {self.layer_fraction}")
         for name in ("scan_prompts", "stage1_prompts", "stage2_harmful", "stage2_benign", "max_new_tokens",
