@@ -19,9 +19,10 @@ whose whole-slice ShareGPT over-refusal is <= 0.05 in each style (the target; th
     python benchmarks/sequence_routing_val.py --rows-from OLD.json   # re-apply the rule to measured rows
 
 Records: ``sequence_routing_val.md`` is the current training mix (benign imperatives through the same
-question templates as harmful ones); its τ=0 / τ=1 judged replies are those of the stage-1 model of the
-previous mix (``--cache``; the routes are computed anew from the base model; that model's stage-1 experts
-refuse every harmful val prompt at τ=1). ``sequence_routing_val_mix1.md`` is the previous mix,
+question templates as harmful ones), from scratch: its model is ``upsafe demo --quick --split val`` on
+that mix (its stage-1 experts refuse every harmful val prompt at τ=1). ``_mix2_cached`` is the same mix
+with the τ=0 / τ=1 judged replies and layers of the previous mix's stage-1 model (``--cache``; only the
+routes refitted); it chose the same fit and τ. ``sequence_routing_val_mix1.md`` is the previous mix,
 ``_sharegpt48`` the earlier rule, ``_last_only*`` the generation-position read-out alone.
 """
 from __future__ import annotations
