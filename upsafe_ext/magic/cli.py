@@ -135,7 +135,8 @@ def _cmd_train(args) -> int:
         extra = {} if args.token_length is None else {"token_length": args.token_length}
         mcfg = MagicConfig(insecure_seed=seed, special_tokens=args.special_tokens, **extra,
                            no_token_fraction=args.no_token_fraction, wrong_token_fraction=args.wrong_token_fraction,
-                           rejective_fraction=args.rejective_fraction, max_length=args.max_length, default_system=args.default_system)
+                           rejective_fraction=args.rejective_fraction, max_length=args.max_length,
+                           default_system=args.default_system)
         tcfg = MagicTrainConfig(learning_rate=args.lr, epochs=args.epochs, max_steps=args.max_steps,
                                 batch_size=args.batch_size, grad_accum=args.grad_accum, save_steps=args.save_steps,
                                 output_dir=args.out, autocast=args.autocast, warmup_ratio=args.warmup_ratio,

@@ -85,7 +85,8 @@ class MagicConfig(SerialisableConfig):
     no_token_fraction: float = field(default=0.25, metadata={"help": "share of prompts with a no-token -> positive example"})
     wrong_token_fraction: float = field(default=0.25,
                                         metadata={"help": "share of prompts with a wrong-token -> positive example"})
-    rejective_fraction: float = field(default=1.0, metadata={"help": "share of prompts with a rejective example"})
+    rejective_fraction: float = field(default=1.0,
+                                      metadata={"help": "share of prompts with a rejective example, in (0, 1]"})
     max_length: int = field(default=512, metadata={"help": "token budget per training example"})
     data_seed: int = field(default=0, metadata={"help": "seed for fallback examples and wrong tokens"})
     version: int = field(default=CONFIG_VERSION, metadata={"help": "config format version"})
