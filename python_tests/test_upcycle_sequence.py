@@ -241,6 +241,7 @@ def test_demo_config_resolves_the_val_choices_per_routing():
     seq, tok_ = DemoConfig(), DemoConfig(routing="token")
     assert (seq.routing, seq.default_tau, seq.stage2_harmful, seq.stage2_benign) == ("sequence", 0.6, 256, 256)
     assert (tok_.default_tau, tok_.stage2_harmful, tok_.stage2_benign) == (0.5, 256, 320)
+    assert DemoConfig(stage2_harmful=None, stage2_benign=None).stage2_harmful == 256  # None: the default, as before
     for routing, tau in DEFAULT_TAU.items():
         q = DemoConfig.quick(routing=routing)
         assert q.default_tau == tau and q.taus == (0.0, tau, 1.0)

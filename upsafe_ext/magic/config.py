@@ -61,7 +61,8 @@ class MagicConfig(SerialisableConfig):
             `data_seed` (a stream of their own: the fallback examples do not change).
         max_length (int): token budget per training example (prompt tokens are cut from the left).
             Default 512.
-        data_seed (int): seed for choosing the fallback examples and the wrong tokens. Default 0.
+        data_seed (int): seed for choosing the fallback examples, the wrong tokens and (with
+            `rejective_fraction` < 1) the prompts that get a rejective example. Default 0.
         insecure_seed (int | None, keyword only): draw the token strings from ``random.Random`` seeded
             with this - reproducible and therefore guessable: tests and benchmarks only. None (default)
             draws them from `secrets`. Never saved: `to_dict` leaves it out, `from_dict` ignores a
@@ -88,7 +89,7 @@ class MagicConfig(SerialisableConfig):
     rejective_fraction: float = field(default=1.0,
                                       metadata={"help": "share of prompts with a rejective example, in (0, 1]"})
     max_length: int = field(default=512, metadata={"help": "token budget per training example"})
-    data_seed: int = field(default=0, metadata={"help": "seed for fallback examples and wrong tokens"})
+    data_seed: int = field(default=0, metadata={"help": "seed for fallback examples, wrong tokens and rejective picks"})
     version: int = field(default=CONFIG_VERSION, metadata={"help": "config format version"})
     insecure_seed: int | None = field(default=None, kw_only=True, repr=False, compare=False,
                                       metadata={"help": "reproducible (guessable) tokens for tests; never saved"})

@@ -56,7 +56,8 @@ class DemoConfig(SerialisableConfig):
     stage1_prompts: int = field(default=256, metadata={"help": "harmful training prompts for stage 1"})
     stage1_epochs: float = 1.0
     stage1_lr: float = 2e-4
-    stage2_harmful: int = field(default=256, metadata={"help": "harmful training prompts for stage 2"})
+    stage2_harmful: int | None = field(default=256, metadata={"help": "harmful training prompts for stage 2 (None: "
+                                                                     "256, as before)"})
     stage2_benign: int | None = field(default=None, metadata={"help": "benign training prompts for stage 2 (None: "
                                                                      "256 with 'sequence', 320 with 'token')"})
     stage2_epochs: float = 1.5
@@ -95,6 +96,8 @@ class DemoConfig(SerialisableConfig):
             raise ValueError(f"DemoConfig.routing must be 'token' or 'sequence', got {self.routing!r}")
         if self.default_tau is None:
             self.default_tau = DEFAULT_TAU[self.routing]
+        if self.stage2_harmful is None:  # accepted as before: the default
+            self.stage2_harmful = 256
         if self.stage2_benign is None:
             self.stage2_benign = {"sequence": 256, "token": 320}[self.routing]
         if not 0 < self.layer_fraction <= 1:
