@@ -89,3 +89,18 @@ def synthetic_records(held_out: bool = False):
                 out.append(MagicRecord(t.format(w), STYLE["positive", h], STYLE["negative", h], STYLE["rejective", h],
                                        meta={"harmful": h}))
     return out
+
+
+def synthetic_setup():
+    """A random 2-layer Llama with text magic tokens (seed 3, 8 characters, every wrong-token fallback)
+    and the synthetic training examples: ``(model, tok, tokens, records, data)``."""
+    from upsafe_ext.magic import MagicConfig, build_examples, prepare_model
+    from upsafe_ext.testing import tiny_causal_lm, tiny_tokenizer
+
+    torch.manual_seed(0)
+    tok = tiny_tokenizer()
+    model = tiny_causal_lm("llama", hidden=64, layers=2, intermediate=128)
+    cfg = MagicConfig(insecure_seed=3, token_length=8, no_token_fraction=0.5, wrong_token_fraction=1.0)
+    tokens = prepare_model(model, tok, cfg)
+    records = synthetic_records()
+    return model, tok, tokens, records, build_examples(records, tok, tokens, cfg, progress=False)

@@ -77,3 +77,26 @@ def test_cli_seed_is_a_deprecated_alias_and_never_saved(tmp_path, capsys):
     assert MagicTokens.load(tmp_path / "default", allow_negative=True).token("negative") != old.token("negative")
     with pytest.raises(SystemExit, match="128"):  # 95 bits from secrets: refused
         cli.main(base + ["--out", str(tmp_path / "short"), "--token-length", "16"])
+
+
+def test_cli_train_with_lora_saves_a_plain_model_and_the_setting(tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from upsafe_ext import cli
+    from upsafe_ext.magic.model import CONFIG_FILE
+
+    save_records(synthetic_records()[:4], tmp_path / "r.jsonl")
+    out = tmp_path / "model"
+    assert cli.main(["magic", "train", "--model", "tiny", "--data", str(tmp_path / "r.jsonl"), "--out", str(out),
+                     "--insecure-seed", "1", "--max-steps", "2", "--batch-size", "4", "--margin-prompts", "0",
+                     "--lora-rank", "2", "--lora-alpha", "4"]) == 0
+    saved = json.loads((out / CONFIG_FILE).read_text())["train_config"]
+    assert (saved["lora_rank"], saved["lora_alpha"]) == (2, 4.0)
+    assert not any("lora" in k or ".base." in k for k in load_file(str(out / "model.safetensors")))
+    with pytest.raises(SystemExit, match="MagicTrainConfig.lora_rank"):
+        cli.main(["magic", "train", "--model", "tiny", "--data", str(tmp_path / "r.jsonl"), "--out",
+                  str(tmp_path / "m2"), "--insecure-seed", "1", "--lora-rank", "-1"])
+    with pytest.raises(SystemExit, match="trainable_pattern='embed_tokens'"):
+        cli.main(["magic", "train", "--model", "tiny", "--data", str(tmp_path / "r.jsonl"), "--out",
+                  str(tmp_path / "m3"), "--insecure-seed", "1", "--max-steps", "1", "--margin-prompts", "0",
+                  "--lora-rank", "2", "--special-tokens"])

@@ -13,7 +13,7 @@ import random
 import pytest
 import torch
 
-from magic_fixtures import STYLE, disguise_all, one_torch_thread, synthetic_records  # noqa: F401
+from magic_fixtures import STYLE, disguise_all, one_torch_thread, synthetic_records, synthetic_setup  # noqa: F401
 from upsafe_ext.magic import (MODES, MagicCollator, MagicConfig, MagicTrainConfig, behaviour_rates, build_examples,
                               generate, load_magic_model, make_trainer, prepare_model, safety_alignment_margin,
                               save_magic_model, silhouette_cosine, train_magic)
@@ -80,13 +80,7 @@ def test_train_magic_checkpoints_are_safetensors(tmp_path):
 def cotrained():
     """A 2-layer Llama co-trained on the synthetic task (200 steps of 16, ~20 epochs of 162 examples);
     the margin is measured on the 12 held-out prompts before and after."""
-    torch.manual_seed(0)
-    tok = tiny_tokenizer()
-    model = tiny_causal_lm("llama", hidden=64, layers=2, intermediate=128)
-    cfg = MagicConfig(insecure_seed=3, token_length=8, no_token_fraction=0.5, wrong_token_fraction=1.0)
-    tokens = prepare_model(model, tok, cfg)
-    records = synthetic_records()
-    data = build_examples(records, tok, tokens, cfg, progress=False)
+    model, tok, tokens, records, data = synthetic_setup()
     held_out = [r.prompt for r in synthetic_records(held_out=True)]
     before = safety_alignment_margin(model, tok, held_out, progress=False)
     log = train_magic(model, tok, data, config=MagicTrainConfig(learning_rate=3e-3, max_steps=200, batch_size=16,

@@ -140,7 +140,9 @@ def _cmd_train(args) -> int:
         tcfg = MagicTrainConfig(learning_rate=args.lr, epochs=args.epochs, max_steps=args.max_steps,
                                 batch_size=args.batch_size, grad_accum=args.grad_accum, save_steps=args.save_steps,
                                 output_dir=args.out, autocast=args.autocast, warmup_ratio=args.warmup_ratio,
-                                distill_top_k=args.distill_top_k, distill_hard_prefix=args.distill_hard_prefix)
+                                distill_top_k=args.distill_top_k, distill_hard_prefix=args.distill_hard_prefix,
+                                lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
+                                trainable_pattern=args.trainable_pattern)
         records = load_records(args.data, limit=args.limit)
     except ValueError as exc:
         raise SystemExit(f"upsafe magic train: {exc}") from None
@@ -301,6 +303,13 @@ def register(sub) -> set[str]:
                         "meta.own_answer) towards the base's top-k next-token distribution (default: off)")
     q.add_argument("--distill-hard-prefix", type=int, default=0,
                    help="with --distill-top-k: the first N tokens of each own answer keep their greedy target")
+    q.add_argument("--lora-rank", type=int, default=0,
+                   help="train rank-r LoRA adapters on every projection and merge them at the end (0: full "
+                        "fine-tuning; MagicTrainConfig.lora_rank)")
+    q.add_argument("--lora-alpha", type=float, default=32.0, help="LoRA scale numerator (update = alpha / rank B A)")
+    q.add_argument("--trainable-pattern", default=None,
+                   help="regex of parameter names to train (MagicTrainConfig.trainable_pattern); with --lora-rank "
+                        "these train in full beside the adapters, e.g. 'embed_tokens' for --special-tokens")
     q.add_argument("--limit", type=int, default=None)
     q.add_argument("--margin-prompts", type=int, default=32, help="report the margin before/after on this many")
     q.add_argument("--threads", type=int, default=None)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from .._config import SerialisableConfig, check_bool, check_choice, check_float, check_int
 from ..train.config import AUTOCAST, BATCH_SIZE, FULL_SFT_LR, MAX_GRAD_NORM, WEIGHT_DECAY
+from ..train.lora import LORA_TARGETS, check_lora_args
 
 CONFIG_VERSION = 1
 
@@ -200,6 +201,16 @@ class MagicTrainConfig(SerialisableConfig):
         distill_hard_prefix (int): with `distill_top_k`, the first N tokens of each own answer keep
             their greedy (hard) target; the soft targets start after them. The first tokens decide
             between answering and refusing. Default 0.
+        lora_rank (int): 0 trains the parameters chosen above in full; r > 0 trains rank-r adapters
+            (``upsafe_ext.train.lora``) on the linear layers matching `lora_targets` instead, every base
+            weight frozen (plus, fully, any parameter matching `trainable_pattern`), and merges them into
+            the weights when training ends, so the result is a plain model. Special tokens need their
+            embedding rows trained: with `MagicConfig.special_tokens` give
+            ``trainable_pattern="embed_tokens"``. Default 0.
+        lora_alpha (float): adapter scale numerator (the update is ``alpha / rank * B @ A``), > 0.
+            Default 32.0.
+        lora_targets (str): regex (re.search) of the module names that get adapters. Default every
+            attention and MLP projection, ``upsafe_ext.train.lora.LORA_TARGETS``.
 
     Example:
         >>> cfg = MagicTrainConfig(learning_rate=1e-4, max_steps=200, batch_size=16)
@@ -224,6 +235,9 @@ class MagicTrainConfig(SerialisableConfig):
     trainable_pattern: str | None = field(default=None, metadata={"help": "regex of parameter names to train"})
     distill_top_k: int | None = field(default=None, metadata={"help": "soft targets (base's top-k) on own answers"})
     distill_hard_prefix: int = field(default=0, metadata={"help": "first N own-answer tokens keep hard targets"})
+    lora_rank: int = field(default=0, metadata={"help": "LoRA rank (0: no adapters, full fine-tuning)"})
+    lora_alpha: float = field(default=32.0, metadata={"help": "LoRA scale numerator (alpha / rank)"})
+    lora_targets: str = field(default=LORA_TARGETS, metadata={"help": "regex of module names that get adapters"})
     version: int = field(default=CONFIG_VERSION, metadata={"help": "config format version"})
 
     def __post_init__(self):
@@ -247,6 +261,15 @@ class MagicTrainConfig(SerialisableConfig):
         check_bool("MagicTrainConfig.train_embeddings_only", self.train_embeddings_only)
         check_int("MagicTrainConfig.distill_top_k", self.distill_top_k, 1, optional=True)
         check_int("MagicTrainConfig.distill_hard_prefix", self.distill_hard_prefix, 0)
+        check_int("MagicTrainConfig.lora_rank", self.lora_rank, 0)
+        if self.lora_rank:
+            check_lora_args(self.lora_rank, self.lora_alpha, self.lora_targets,
+                            tuple(f"MagicTrainConfig.lora_{x}" for x in ("rank", "alpha", "targets")))
+            if self.train_embeddings_only:
+                raise ValueError("MagicTrainConfig.lora_rank and MagicTrainConfig.train_embeddings_only are "
+                                 "exclusive; set one")
+        else:
+            check_float("MagicTrainConfig.lora_alpha", self.lora_alpha, 0.0, lo_open=True)
         if self.trainable_pattern is not None:
             if not isinstance(self.trainable_pattern, str) or not self.trainable_pattern:
                 raise ValueError(f"MagicTrainConfig.trainable_pattern must be a non-empty regex str or None, got "

@@ -24,6 +24,7 @@ import torch
 
 from ..train.chat import pad_token_id as tokenizer_pad_id
 from ..train.config import ADAM_EPS, FULL_SFT_BETAS
+from ..train.lora import add_lora, lora_parameters, merge_lora, merged_lora
 from ..train.sft import SFTCollator, run_sft
 from .config import MagicConfig, MagicTrainConfig
 from .data import MagicDataset
@@ -77,6 +78,18 @@ def _check_inputs(model, tokenizer, dataset, tokens: MagicTokens, op: str):
                          "(encoded with a different tokenizer, or special tokens not registered on the model?)")
 
 
+def _check_lora_embeddings(model, tokens: MagicTokens, config: MagicTrainConfig) -> None:
+    """Special tokens start as identical (mean) embedding rows: with adapters only they stay identical."""
+    if not tokens.special:
+        return
+    emb = model.get_input_embeddings().weight
+    pat = re.compile(config.trainable_pattern) if config.trainable_pattern is not None else None
+    if pat is None or not any(p is emb for n, p in model.named_parameters() if pat.search(n)):
+        raise ValueError("train_magic: MagicTrainConfig.lora_rank with special tokens leaves their embedding rows "
+                         "frozen (and identical); also train the embeddings (trainable_pattern='embed_tokens') or "
+                         "use text tokens (MagicConfig.special_tokens=False)")
+
+
 def _lr_lambda(total: int, warmup: int, schedule: str) -> Callable[[int], float]:
     def f(step: int) -> float:
         if warmup and step < warmup:
@@ -95,7 +108,8 @@ def train_magic(model, tokenizer, dataset: MagicDataset, tokens: MagicTokens | N
     (``step``, ``loss``, ``lr``).
 
     AdamW over all parameters (or the embeddings only with ``config.train_embeddings_only``, or the
-    parameters matching ``config.trainable_pattern``), linear
+    parameters matching ``config.trainable_pattern``, or with ``config.lora_rank`` low-rank adapters
+    that are merged into the weights when training ends, also after an error), linear
     warm-up then linear decay (or constant), gradient clipping, optional autocast. With
     ``config.output_dir``: a checkpoint every ``config.save_steps`` steps in
     ``output_dir/checkpoint-<step>`` and the final model in ``output_dir``, each a `save_magic_model`
@@ -112,7 +126,17 @@ def train_magic(model, tokenizer, dataset: MagicDataset, tokens: MagicTokens | N
     total = config.total_steps(len(dataset))
     warmup = int(math.floor(config.warmup_ratio * total))
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    if config.train_embeddings_only:
+    if config.lora_rank:
+        _check_lora_embeddings(model, tokens, config)
+        full = set()
+        if config.trainable_pattern is not None:  # trained in full beside the adapters (names before the swap)
+            pat = re.compile(config.trainable_pattern)
+            full = {id(p) for n, p in model.named_parameters() if pat.search(n)}
+        add_lora(model, config.lora_rank, config.lora_alpha, config.lora_targets)
+        adapters = {id(p) for p in lora_parameters(model)}
+        for p in model.parameters():
+            p.requires_grad_(id(p) in full or id(p) in adapters)
+    elif config.train_embeddings_only:
         emb = {id(model.get_input_embeddings().weight)}
         out = model.get_output_embeddings()
         if out is not None:
@@ -125,6 +149,7 @@ def train_magic(model, tokenizer, dataset: MagicDataset, tokens: MagicTokens | N
             p.requires_grad_(bool(pat.search(n)))
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
+        merge_lora(model)
         for n, p in model.named_parameters():
             p.requires_grad_(flags.get(n, True))
         raise ValueError("train_magic: no trainable parameters (check MagicTrainConfig.trainable_pattern "
@@ -142,8 +167,9 @@ def train_magic(model, tokenizer, dataset: MagicDataset, tokens: MagicTokens | N
         rec["lr"] = config.learning_rate * lr_at(step)  # the rate this step used
         done = step + 1
         if config.output_dir and config.save_steps and done % config.save_steps == 0 and done < total:
-            save_magic_model(model, tokenizer, tokens, os.path.join(config.output_dir, f"checkpoint-{done}"),
-                             config=magic_config, train_config=config)
+            with merged_lora(model):  # a plain model with the usual names (a no-op without adapters)
+                save_magic_model(model, tokenizer, tokens, os.path.join(config.output_dir, f"checkpoint-{done}"),
+                                 config=magic_config, train_config=config)
             model.train()
         if on_step is not None:
             on_step(step, rec)
@@ -168,6 +194,7 @@ def train_magic(model, tokenizer, dataset: MagicDataset, tokens: MagicTokens | N
                       autocast_dtype=config.autocast_dtype(), seed=config.seed, progress=progress,
                       desc="magic co-training", on_step=step_hook)
     finally:
+        merge_lora(model)  # also after an error: the steps taken stay in the weights
         for n, p in model.named_parameters():
             p.requires_grad_(flags.get(n, True))
         model.eval()
