@@ -41,7 +41,8 @@ from upsafe_ext.eval.metrics import mean_kl  # noqa: E402
 from upsafe_ext.eval.protocol import evaluate_sets, format_sets_table, protocol_sets, training_mix  # noqa: E402
 from upsafe_ext.eval.real_model import load_smollm2  # noqa: E402
 from upsafe_ext.magic import (MagicConfig, MagicTrainConfig, build_examples, magic_conversations,  # noqa: E402
-                              prepare_model, safety_alignment_margin, self_distilled_records, train_magic)
+                              prepare_model, safety_alignment_margin, save_magic_model, self_distilled_records,
+                              train_magic)
 
 SETS = ("harmful imperative", "harmful question", "harmful question (natural)", "harmful past tense",
         "harmful role-play", "harmful suffix", "benign imperative", "benign question", "edgy benign")
@@ -136,6 +137,8 @@ def main(argv=None) -> int:
         train_s += time.time() - t1
         print(f"epoch {ep}: {len(log)} steps, loss {log[0]['loss']:.3f} -> {log[-1]['loss']:.3f}, "
               f"train {train_s:.0f} s", flush=True)
+        saved = save_magic_model(model, tok, tokens, os.path.join(args.out, "model"), config=mcfg, train_config=cfg)
+        print(f"epoch {ep}: model saved to {saved} (evaluated next)", flush=True)  # kept if the evaluation fails
         after = safety_alignment_margin(model, tok, margin_prompts, tokens=tokens, progress=False,
                                         plot=os.path.join(args.out, f"magic_margin_{args.split}_after_ep{ep}.png"))
         kl = mean_kl(model, base, tok, render(tok, tokens, "positive")(kl_prompts), kl_answers, progress=False,

@@ -407,6 +407,41 @@ def test_token_kl_formula():
         token_kl(a, b[:, :3])
 
 
+def test_token_kl_with_tokens_appended_to_the_model_vocabulary():
+    a, b = torch.randn(4, 7, dtype=torch.float64), torch.randn(4, 10, dtype=torch.float64)
+    p, q = a.softmax(-1), b.softmax(-1)[:, :7]  # the model's softmax over all 10 ids, read on the reference's 7
+    torch.testing.assert_close(token_kl(a, b), (p * (p / q).log()).sum(-1))
+    same = torch.cat([a, b[:, 7:]], -1)  # identical on the shared ids: only the mass on the new ids is lost
+    m = same.softmax(-1)[:, 7:].sum(-1)
+    torch.testing.assert_close(token_kl(a, same), -torch.log1p(-m))
+    with pytest.raises(ValueError, match="shapes differ"):
+        token_kl(b, a)  # a reference larger than the model
+    with pytest.raises(ValueError, match="shapes differ"):
+        token_kl(a, b[:3])
+
+
+def test_mean_kl_model_with_appended_tokens(model64, tok):
+    """A model with 3 tokens appended (as magic special tokens are) against the base: the same value as a
+    reference whose logits give the new ids probability 0 explicitly."""
+    ext = copy.deepcopy(model64)
+    v = ext.get_input_embeddings().weight.shape[0]
+    ext.resize_token_embeddings(v + 3, mean_resizing=False)
+    with torch.no_grad():
+        ext.get_input_embeddings().weight[v:] = model64.get_input_embeddings().weight[:3] * 2
+        if ext.get_output_embeddings().weight.data_ptr() != ext.get_input_embeddings().weight.data_ptr():
+            ext.get_output_embeddings().weight[v:] = model64.get_output_embeddings().weight[:3] * 2
+
+    def padded(ids, mask):
+        logits = model64(input_ids=ids, attention_mask=mask).logits
+        return torch.cat([logits, torch.full_like(logits[..., :3], -1e30)], -1)
+
+    got = mean_kl(ext, model64, tok, KL_CONVS, KL_RESPONSES, progress=False)
+    assert got > 1e-4
+    assert got == pytest.approx(mean_kl(ext, padded, tok, KL_CONVS, KL_RESPONSES, progress=False), rel=1e-9)
+    with pytest.raises(ValueError, match="reference's vocabulary"):
+        mean_kl(model64, ext, tok, KL_CONVS, KL_RESPONSES, progress=False)
+
+
 def test_mean_kl_errors(model64, tok):
     with pytest.raises(ValueError, match="one reply per conversation"):
         mean_kl(model64, model64, tok, KL_CONVS, KL_RESPONSES[:2], progress=False)

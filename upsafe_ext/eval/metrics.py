@@ -99,12 +99,19 @@ def _logits_of(fn, input_ids: torch.Tensor, attention_mask: torch.Tensor, what: 
 
 def token_kl(ref_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     """KL(softmax(ref_logits) || softmax(logits)) along the last dim (in fp32, or fp64 for fp64 inputs):
-    ``[..., V] -> [...]``."""
-    if ref_logits.shape != logits.shape:
-        raise ValueError(f"token_kl: shapes differ: reference {tuple(ref_logits.shape)} vs model {tuple(logits.shape)}")
+    ``[..., V] -> [...]``.
+
+    `logits` may have more entries than `ref_logits` (``[..., V + k]``: a model with k tokens appended
+    to the reference's vocabulary, e.g. registered special tokens). The reference gives those ids
+    probability 0, so the model's softmax is taken over all V + k ids and the sum runs over the
+    reference's V: the mass the model puts on the new ids counts as lost."""
+    lead_ok = ref_logits.shape[:-1] == logits.shape[:-1]
+    if not lead_ok or ref_logits.shape[-1] > logits.shape[-1]:
+        raise ValueError(f"token_kl: shapes differ: reference {tuple(ref_logits.shape)} vs model {tuple(logits.shape)} "
+                         "(the model's last dim may only be larger: tokens appended to the reference's vocabulary)")
     dt = torch.promote_types(torch.promote_types(ref_logits.dtype, logits.dtype), torch.float32)
     ref_lp = F.log_softmax(ref_logits.to(dt), dim=-1)
-    lp = F.log_softmax(logits.to(dt), dim=-1)
+    lp = F.log_softmax(logits.to(dt), dim=-1)[..., : ref_logits.shape[-1]]
     return (ref_lp.exp() * (ref_lp - lp)).sum(-1)
 
 
@@ -126,7 +133,9 @@ def mean_kl(model, reference, tokenizer, conversations: Sequence[Sequence[dict]]
     model run with its safety experts switched off. With `return_per_token` a list of 1-D tensors (the
     per-token KL of each example) is returned beside the mean. `reference_conversations`: the reference
     reads the same responses after its own rendering of each conversation (e.g. the base model without
-    the magic token a co-trained model gets); the response tokens are compared one for one.
+    the magic token a co-trained model gets); the response tokens are compared one for one. A model
+    whose vocabulary extends the reference's (tokens appended, e.g. magic special tokens) is compared
+    on the reference's ids (``token_kl``: its mass on the new ids counts as lost).
     """
     from tqdm.auto import tqdm
 
@@ -175,9 +184,9 @@ def mean_kl(model, reference, tokenizer, conversations: Sequence[Sequence[dict]]
         if not torch.equal(per_row, ref_rows):
             raise ValueError("mean_kl: the reference rendering leaves a different number of response tokens "
                              f"({ref_rows.tolist()} vs {per_row.tolist()}); check `max_length`")
-        if ref_logits.shape[-1] != logits.shape[-1]:
-            raise ValueError(f"mean_kl: vocabulary sizes differ: reference {ref_logits.shape[-1]} vs model "
-                             f"{logits.shape[-1]}")
+        if ref_logits.shape[-1] > logits.shape[-1]:
+            raise ValueError(f"mean_kl: the reference's vocabulary ({ref_logits.shape[-1]}) is larger than the "
+                             f"model's ({logits.shape[-1]})")
         kl = token_kl(ref_logits, logits)
         total += float(kl.double().sum())
         count += int(kl.numel())
