@@ -129,6 +129,18 @@ def test_train_magic_with_lora_trains_only_the_adapters_and_saves_plain_checkpoi
     assert not torch.equal(mid, q) and not torch.equal(mid, final["model.layers.0.self_attn.q_proj.weight"])
 
 
+def test_train_magic_with_lora_leaves_the_model_as_it_was_on_a_setup_error():
+    tok = tiny_tokenizer()
+    model = tiny_causal_lm("llama")
+    tokens = prepare_model(model, tok, MagicConfig(insecure_seed=0))
+    data = build_examples(synthetic_records()[:4], tok, tokens, progress=False)  # no own answers: no soft targets
+    with pytest.raises(ValueError, match="distill_top_k is set but no example"):
+        train_magic(model, tok, data, config=MagicTrainConfig(max_steps=1, lora_rank=2, distill_top_k=4),
+                    progress=False)
+    assert not any(isinstance(m, LoraLinear) for m in model.modules())
+    assert all(p.requires_grad for p in model.parameters())
+
+
 def test_train_magic_with_lora_and_special_tokens_needs_the_embeddings_trained():
     tok = tiny_tokenizer()
     model = tiny_causal_lm("llama")

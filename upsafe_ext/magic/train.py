@@ -122,12 +122,25 @@ def train_magic(model, tokenizer, dataset: MagicDataset, tokens: MagicTokens | N
         raise ValueError(f"train_magic: `config` must be a MagicTrainConfig, got {type(config).__name__}")
     tokens = get_tokens(model, tokens, "train_magic")
     _check_inputs(model, tokenizer, dataset, tokens, "train_magic")
+    if config.lora_rank:
+        _check_lora_embeddings(model, tokens, config)
     attach_tokens(model, tokens)
     total = config.total_steps(len(dataset))
     warmup = int(math.floor(config.warmup_ratio * total))
+    examples, extra = dataset.examples, None
+    if config.distill_top_k is not None:  # soft targets from the base: `teacher`, or the model as it is now
+        # (read before any parameter is frozen or wrapped, so an error here leaves the model as it was)
+        examples = [dict(e) for e in examples]
+        base = teacher if teacher is not None else model
+        if not attach_teacher_targets(base, examples, config.distill_top_k, hard_prefix=config.distill_hard_prefix,
+                                      batch_size=config.batch_size, progress=progress):
+            raise ValueError("train_magic: MagicTrainConfig.distill_top_k is set but no example has the base model's "
+                             "own answer as its target (build the records with self_distilled_records)")
+
+        def extra(m, batch, out):
+            return token_loss(out.logits, batch["labels"], batch["soft_ids"], batch["soft_logp"], batch["soft_mask"])
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     if config.lora_rank:
-        _check_lora_embeddings(model, tokens, config)
         full = set()
         if config.trainable_pattern is not None:  # trained in full beside the adapters (names before the swap)
             pat = re.compile(config.trainable_pattern)
@@ -174,17 +187,6 @@ def train_magic(model, tokenizer, dataset: MagicDataset, tokens: MagicTokens | N
         if on_step is not None:
             on_step(step, rec)
 
-    examples, extra = dataset.examples, None
-    if config.distill_top_k is not None:  # soft targets from the base: `teacher`, or the model as it is now
-        examples = [dict(e) for e in examples]
-        base = teacher if teacher is not None else model
-        if not attach_teacher_targets(base, examples, config.distill_top_k, hard_prefix=config.distill_hard_prefix,
-                                      batch_size=config.batch_size, progress=progress):
-            raise ValueError("train_magic: MagicTrainConfig.distill_top_k is set but no example has the base model's "
-                             "own answer as its target (build the records with self_distilled_records)")
-
-        def extra(m, batch, out):
-            return token_loss(out.logits, batch["labels"], batch["soft_ids"], batch["soft_logp"], batch["soft_mask"])
     try:
         log = run_sft(model, examples, optimizer=opt,
                       collator=MagicCollator.for_tokenizer(tokenizer, soft=extra is not None),
