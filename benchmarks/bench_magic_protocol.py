@@ -90,6 +90,7 @@ def main(argv=None) -> int:
     ap.add_argument("--lora-rank", type=int, default=0, help="MagicTrainConfig.lora_rank (0: full fine-tuning)")
     ap.add_argument("--lora-alpha", type=float, default=32.0, help="MagicTrainConfig.lora_alpha")
     ap.add_argument("--trainable-pattern", default=None, help="MagicTrainConfig.trainable_pattern")
+    ap.add_argument("--token-lr", type=float, default=None, help="MagicTrainConfig.token_learning_rate")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     args = ap.parse_args(argv)
@@ -132,7 +133,7 @@ def main(argv=None) -> int:
                                lr_schedule="constant", warmup_ratio=0.03 if ep == 1 else 0.0, seed=ep,
                                distill_top_k=args.distill_top_k, distill_hard_prefix=args.distill_hard_prefix,
                                lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
-                               trainable_pattern=args.trainable_pattern)
+                               trainable_pattern=args.trainable_pattern, token_learning_rate=args.token_lr)
         log = train_magic(model, tok, data, tokens, cfg, magic_config=mcfg, teacher=base, progress=False)
         train_s += time.time() - t1
         print(f"epoch {ep}: {len(log)} steps, loss {log[0]['loss']:.3f} -> {log[-1]['loss']:.3f}, "

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from magic_fixtures import files_containing, one_torch_thread, synthetic_records  # noqa: F401
 from upsafe_ext.magic import MagicTokens, load_records, save_records
@@ -100,3 +101,21 @@ def test_cli_train_with_lora_saves_a_plain_model_and_the_setting(tmp_path, capsy
         cli.main(["magic", "train", "--model", "tiny", "--data", str(tmp_path / "r.jsonl"), "--out",
                   str(tmp_path / "m3"), "--insecure-seed", "1", "--max-steps", "1", "--margin-prompts", "0",
                   "--lora-rank", "2", "--special-tokens"])
+
+
+def test_cli_train_with_token_lr_trains_the_special_token_rows_and_saves_the_setting(tmp_path):
+    from safetensors.torch import load_file
+
+    from upsafe_ext import cli
+    from upsafe_ext.magic.model import CONFIG_FILE
+
+    save_records(synthetic_records()[:4], tmp_path / "r.jsonl")
+    base = ["magic", "train", "--model", "tiny", "--data", str(tmp_path / "r.jsonl"), "--insecure-seed", "1",
+            "--max-steps", "2", "--batch-size", "4", "--margin-prompts", "0", "--token-lr", "1e-2"]
+    out = tmp_path / "model"
+    assert cli.main(base + ["--out", str(out), "--special-tokens", "--lora-rank", "2"]) == 0
+    assert json.loads((out / CONFIG_FILE).read_text())["train_config"]["token_learning_rate"] == 1e-2
+    rows = load_file(str(out / "model.safetensors"))["model.embed_tokens.weight"][-3:]
+    assert not (torch.equal(rows[0], rows[1]) or torch.equal(rows[1], rows[2]))  # mean-initialised, then trained
+    with pytest.raises(SystemExit, match="token_learning_rate trains the special tokens"):
+        cli.main(base + ["--out", str(tmp_path / "m2")])  # text tokens

@@ -142,7 +142,7 @@ def _cmd_train(args) -> int:
                                 output_dir=args.out, autocast=args.autocast, warmup_ratio=args.warmup_ratio,
                                 distill_top_k=args.distill_top_k, distill_hard_prefix=args.distill_hard_prefix,
                                 lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
-                                trainable_pattern=args.trainable_pattern)
+                                trainable_pattern=args.trainable_pattern, token_learning_rate=args.token_lr)
         records = load_records(args.data, limit=args.limit)
     except ValueError as exc:
         raise SystemExit(f"upsafe magic train: {exc}") from None
@@ -310,6 +310,9 @@ def register(sub) -> set[str]:
     q.add_argument("--trainable-pattern", default=None,
                    help="regex of parameter names to train (MagicTrainConfig.trainable_pattern); with --lora-rank "
                         "these train in full beside the adapters, e.g. 'embed_tokens' for --special-tokens")
+    q.add_argument("--token-lr", type=float, default=None,
+                   help="with --special-tokens: the tokens' embedding rows train as their own parameter at this "
+                        "rate (MagicTrainConfig.token_learning_rate); they start identical")
     q.add_argument("--limit", type=int, default=None)
     q.add_argument("--margin-prompts", type=int, default=32, help="report the margin before/after on this many")
     q.add_argument("--threads", type=int, default=None)

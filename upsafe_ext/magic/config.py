@@ -209,6 +209,12 @@ class MagicTrainConfig(SerialisableConfig):
             ``trainable_pattern="embed_tokens"``. Default 0.
         lora_alpha (float): adapter scale numerator (the update is ``alpha / rank * B @ A``), > 0.
             Default 32.0.
+        token_learning_rate (float | None): with `MagicConfig.special_tokens`, the three tokens'
+            embedding rows train as their own small parameter at this rate
+            (``upsafe_ext.magic.token_rows``), written back into the embedding when training ends.
+            They start identical (the mean embedding), and at a fine-tuning rate they barely move.
+            Works with full fine-tuning and with `lora_rank` (then no `trainable_pattern` is needed).
+            None: the rows train with the rest of the embedding, if it trains. Default None.
         lora_targets (str): regex (re.search) of the module names that get adapters. Default every
             attention and MLP projection, ``upsafe_ext.train.lora.LORA_TARGETS``.
 
@@ -238,6 +244,8 @@ class MagicTrainConfig(SerialisableConfig):
     lora_rank: int = field(default=0, metadata={"help": "LoRA rank (0: no adapters, full fine-tuning)"})
     lora_alpha: float = field(default=32.0, metadata={"help": "LoRA scale numerator (alpha / rank)"})
     lora_targets: str = field(default=LORA_TARGETS, metadata={"help": "regex of module names that get adapters"})
+    token_learning_rate: float | None = field(default=None, metadata={"help": "own AdamW rate of the special "
+                                                                              "tokens' embedding rows"})
     version: int = field(default=CONFIG_VERSION, metadata={"help": "config format version"})
 
     def __post_init__(self):
@@ -262,6 +270,8 @@ class MagicTrainConfig(SerialisableConfig):
         check_int("MagicTrainConfig.distill_top_k", self.distill_top_k, 1, optional=True)
         check_int("MagicTrainConfig.distill_hard_prefix", self.distill_hard_prefix, 0)
         check_int("MagicTrainConfig.lora_rank", self.lora_rank, 0)
+        check_float("MagicTrainConfig.token_learning_rate", self.token_learning_rate, 0.0, lo_open=True,
+                    optional=True)
         if self.lora_rank:
             check_lora_args(self.lora_rank, self.lora_alpha, self.lora_targets,
                             tuple(f"MagicTrainConfig.lora_{x}" for x in ("rank", "alpha", "targets")))

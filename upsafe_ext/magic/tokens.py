@@ -359,6 +359,18 @@ class MagicTokens:
             init_new_embeddings(model, tokenizer, ids, new_ids, n_before)
         return ids
 
+    def token_ids(self, tokenizer) -> dict[str, int]:
+        """Each mode's single token id in `tokenizer` (special tokens only: registered with `register`)."""
+        if not self.special:
+            raise ValueError("MagicTokens.token_ids: the tokens are plain text (several ids each), not special tokens")
+        out = {}
+        for m in self.modes:
+            ids = tokenizer(self._tokens[m], add_special_tokens=False)["input_ids"]
+            if len(ids) != 1:
+                raise ValueError(f"MagicTokens.token_ids: the {m} token is not one id in `tokenizer`; register it first")
+            out[m] = ids[0]
+        return out
+
     def unregistered_mode(self, model, tokenizer) -> str | None:
         """The first mode whose token is not a single id inside `model`'s embedding matrix (None: all are)."""
         rows = model.get_input_embeddings().weight.shape[0]

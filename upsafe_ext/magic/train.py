@@ -30,6 +30,7 @@ from .config import MagicConfig, MagicTrainConfig
 from .data import MagicDataset
 from .distill import attach_teacher_targets, collate_soft, token_loss
 from .model import attach_tokens, get_tokens, save_magic_model
+from .token_rows import add_token_rows, merge_token_rows, merged_token_rows
 from .tokens import MagicTokens
 
 _MODEL_KEYS = ("input_ids", "attention_mask", "labels")
@@ -78,16 +79,22 @@ def _check_inputs(model, tokenizer, dataset, tokens: MagicTokens, op: str):
                          "(encoded with a different tokenizer, or special tokens not registered on the model?)")
 
 
+def _check_token_rows(tokens: MagicTokens, config: MagicTrainConfig) -> None:
+    if config.token_learning_rate is not None and not tokens.special:
+        raise ValueError("train_magic: MagicTrainConfig.token_learning_rate trains the special tokens' embedding rows, "
+                         "but these tokens are plain text (MagicConfig.special_tokens=False); leave it None")
+
+
 def _check_lora_embeddings(model, tokens: MagicTokens, config: MagicTrainConfig) -> None:
     """Special tokens start as identical (mean) embedding rows: with adapters only they stay identical."""
-    if not tokens.special:
+    if not tokens.special or config.token_learning_rate is not None:
         return
     emb = model.get_input_embeddings().weight
     pat = re.compile(config.trainable_pattern) if config.trainable_pattern is not None else None
     if pat is None or not any(p is emb for n, p in model.named_parameters() if pat.search(n)):
         raise ValueError("train_magic: MagicTrainConfig.lora_rank with special tokens leaves their embedding rows "
-                         "frozen (and identical); also train the embeddings (trainable_pattern='embed_tokens') or "
-                         "use text tokens (MagicConfig.special_tokens=False)")
+                         "frozen (and identical); give them their own rate (token_learning_rate), also train the "
+                         "embeddings (trainable_pattern='embed_tokens') or use text tokens (MagicConfig.special_tokens=False)")
 
 
 def _lr_lambda(total: int, warmup: int, schedule: str) -> Callable[[int], float]:
@@ -111,6 +118,8 @@ def train_magic(model, tokenizer, dataset: MagicDataset, tokens: MagicTokens | N
     parameters matching ``config.trainable_pattern``, or with ``config.lora_rank`` low-rank adapters
     that are merged into the weights when training ends, also after an error), linear
     warm-up then linear decay (or constant), gradient clipping, optional autocast. With
+    ``config.token_learning_rate`` the special tokens' rows train as their own parameter at that rate
+    and are written back at the end (``token_rows``). With
     ``config.output_dir``: a checkpoint every ``config.save_steps`` steps in
     ``output_dir/checkpoint-<step>`` and the final model in ``output_dir``, each a `save_magic_model`
     directory (safetensors). The model is left in eval mode. With ``config.distill_top_k`` the soft
@@ -122,6 +131,7 @@ def train_magic(model, tokenizer, dataset: MagicDataset, tokens: MagicTokens | N
         raise ValueError(f"train_magic: `config` must be a MagicTrainConfig, got {type(config).__name__}")
     tokens = get_tokens(model, tokens, "train_magic")
     _check_inputs(model, tokenizer, dataset, tokens, "train_magic")
+    _check_token_rows(tokens, config)
     if config.lora_rank:
         _check_lora_embeddings(model, tokens, config)
     attach_tokens(model, tokens)
@@ -160,9 +170,14 @@ def train_magic(model, tokenizer, dataset: MagicDataset, tokens: MagicTokens | N
         pat = re.compile(config.trainable_pattern)
         for n, p in model.named_parameters():
             p.requires_grad_(bool(pat.search(n)))
-    params = [p for p in model.parameters() if p.requires_grad]
+    rows = []
+    if config.token_learning_rate is not None:  # own parameter, own rate (after the freezing above)
+        rows = add_token_rows(model, list(tokens.token_ids(tokenizer).values()))
+    row_ids = {id(p) for p in rows}
+    params = [p for p in model.parameters() if p.requires_grad and id(p) not in row_ids]
     if not params:
         merge_lora(model)
+        merge_token_rows(model)
         for n, p in model.named_parameters():
             p.requires_grad_(flags.get(n, True))
         raise ValueError("train_magic: no trainable parameters (check MagicTrainConfig.trainable_pattern "
@@ -172,6 +187,8 @@ def train_magic(model, tokenizer, dataset: MagicDataset, tokens: MagicTokens | N
     groups = [{"params": decay, "weight_decay": config.weight_decay}]
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
+    if rows:
+        groups.append({"params": rows, "weight_decay": 0.0, "lr": config.token_learning_rate})
     opt = torch.optim.AdamW(groups, lr=config.learning_rate, betas=FULL_SFT_BETAS, eps=ADAM_EPS)
     lr_at = _lr_lambda(total, warmup, config.lr_schedule)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
@@ -180,7 +197,7 @@ def train_magic(model, tokenizer, dataset: MagicDataset, tokens: MagicTokens | N
         rec["lr"] = config.learning_rate * lr_at(step)  # the rate this step used
         done = step + 1
         if config.output_dir and config.save_steps and done % config.save_steps == 0 and done < total:
-            with merged_lora(model):  # a plain model with the usual names (a no-op without adapters)
+            with merged_lora(model), merged_token_rows(model):  # a plain model with the usual names
                 save_magic_model(model, tokenizer, tokens, os.path.join(config.output_dir, f"checkpoint-{done}"),
                                  config=magic_config, train_config=config)
             model.train()
@@ -197,6 +214,7 @@ def train_magic(model, tokenizer, dataset: MagicDataset, tokens: MagicTokens | N
                       desc="magic co-training", on_step=step_hook)
     finally:
         merge_lora(model)  # also after an error: the steps taken stay in the weights
+        merge_token_rows(model)
         for n, p in model.named_parameters():
             p.requires_grad_(flags.get(n, True))
         model.eval()
