@@ -17,7 +17,10 @@ rejective, no token, an unknown token of the same shape. The safety alignment ma
 silhouette of first-token logits) on held-out benign + harmful prompts, before and after, with the
 scatter PNG; KL(base || positive mode) per response token on held-out benign prompts and the base
 model's own answers (`mean_kl(..., reference_conversations=)`: each model on its own rendering).
-After each epoch the model is evaluated on `--split` (epoch choice on val). Writes
+After each epoch the model is evaluated on `--split` (epoch choice on val). Every epoch starts a fresh
+optimizer (constant rate, warm-up in epoch 1 only, shuffling seed = epoch), so `--resume DIR
+--first-epoch N` continues a run from the model it saved after epoch N-1 (DIR = its `--out`/model)
+as if it had not stopped (the base model's answers are regenerated: greedy, the same). Writes
 benchmarks/results/magic_protocol_<split>.{json,md} and magic_margin_<split>_{before,after}.png.
 """
 from __future__ import annotations
@@ -40,8 +43,8 @@ from upsafe_ext.eval.generation import chat, generate_chat  # noqa: E402
 from upsafe_ext.eval.metrics import mean_kl  # noqa: E402
 from upsafe_ext.eval.protocol import evaluate_sets, format_sets_table, protocol_sets, training_mix  # noqa: E402
 from upsafe_ext.eval.real_model import load_smollm2  # noqa: E402
-from upsafe_ext.magic import (MagicConfig, MagicTrainConfig, build_examples, magic_conversations,  # noqa: E402
-                              prepare_model, safety_alignment_margin, save_magic_model, self_distilled_records,
+from upsafe_ext.magic import (MagicConfig, MagicTrainConfig, build_examples, load_magic_model,  # noqa: E402
+                              magic_conversations, prepare_model, safety_alignment_margin, save_magic_model, self_distilled_records,
                               train_magic)
 
 SETS = ("harmful imperative", "harmful question", "harmful question (natural)", "harmful past tense",
@@ -91,9 +94,13 @@ def main(argv=None) -> int:
     ap.add_argument("--lora-alpha", type=float, default=32.0, help="MagicTrainConfig.lora_alpha")
     ap.add_argument("--trainable-pattern", default=None, help="MagicTrainConfig.trainable_pattern")
     ap.add_argument("--token-lr", type=float, default=None, help="MagicTrainConfig.token_learning_rate")
+    ap.add_argument("--resume", default=None, help="continue from this saved model (a run's OUT/model)")
+    ap.add_argument("--first-epoch", type=int, default=1, help="with --resume: the epoch it starts at")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     args = ap.parse_args(argv)
+    if (args.resume is None) != (args.first_epoch == 1):
+        ap.error("--resume DIR and --first-epoch N (> 1) go together")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     os.makedirs(args.out, exist_ok=True)
@@ -118,16 +125,19 @@ def main(argv=None) -> int:
     mcfg = MagicConfig(special_tokens=args.special_tokens, rejective_fraction=args.rejective_fraction,
                        insecure_seed=1234)
     tokens = prepare_model(model, tok, mcfg)
-    data = build_examples(records, tok, tokens, mcfg, progress=False)
-    print(f"data: {len(h_tr)} harmful + {len(b_tr)} benign prompts -> {len(data)} examples "
-          f"({t_data:.0f} s)", flush=True)
     before = safety_alignment_margin(model, tok, margin_prompts, tokens=tokens, progress=False,
                                      plot=os.path.join(args.out, f"magic_margin_{args.split}_before.png"))
     print(f"margin before: {before.margin:.3f}", flush=True)
+    if args.resume:  # the saved model, its tokenizer and tokens (the same insecure seed)
+        model, tok, tokens = load_magic_model(args.resume, allow_negative=True)
+        print(f"resumed from {args.resume} at epoch {args.first_epoch}", flush=True)
+    data = build_examples(records, tok, tokens, mcfg, progress=False)
+    print(f"data: {len(h_tr)} harmful + {len(b_tr)} benign prompts -> {len(data)} examples "
+          f"({t_data:.0f} s)", flush=True)
     result = {"args": vars(args), "env": environment("cpu"), "n_examples": len(data), "counts": data.counts(),
               "margin_before": before.to_dict(), "epochs": []}
     train_s = 0.0
-    for ep in range(1, args.epochs + 1):
+    for ep in range(args.first_epoch, args.first_epoch + args.epochs):
         t1 = time.time()
         cfg = MagicTrainConfig(learning_rate=args.lr, epochs=1.0, batch_size=args.batch_size,
                                lr_schedule="constant", warmup_ratio=0.03 if ep == 1 else 0.0, seed=ep,
