@@ -15,7 +15,8 @@ reproducible for tests and benchmarks only, and is never saved.
 
 Files: config.py (MagicConfig, MagicTrainConfig), tokens.py (MagicTokens: drawing, modes, save/load),
 placement.py (chat-template placement), sanitize.py (client-text sanitising), hashing.py (salted hashes),
-special_tokens.py (registration, tokenizer scrubbing), token_file.py (magic_tokens.json), data.py
+special_tokens.py (registration, tokenizer scrubbing), token_rows.py (the special tokens' rows as their
+own parameter, own learning rate), token_file.py (magic_tokens.json), data.py
 (records, loaders, distillation, the SFT dataset), model.py (prepare/save/load), train.py (plain loop +
 Trainer collator), inference.py (generate), margin.py (silhouette margin, scatter plot, behaviour
 rates), cli.py (`upsafe magic ...`).
