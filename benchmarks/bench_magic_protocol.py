@@ -44,8 +44,8 @@ from upsafe_ext.eval.metrics import mean_kl  # noqa: E402
 from upsafe_ext.eval.protocol import evaluate_sets, format_sets_table, protocol_sets, training_mix  # noqa: E402
 from upsafe_ext.eval.real_model import load_smollm2  # noqa: E402
 from upsafe_ext.magic import (MagicConfig, MagicTrainConfig, build_examples, load_magic_model,  # noqa: E402
-                              magic_conversations, prepare_model, safety_alignment_margin, save_magic_model, self_distilled_records,
-                              train_magic)
+                              magic_conversations, prepare_model, safety_alignment_margin, save_magic_model,
+                              self_distilled_records, train_magic)
 
 SETS = ("harmful imperative", "harmful question", "harmful question (natural)", "harmful past tense",
         "harmful role-play", "harmful suffix", "benign imperative", "benign question", "edgy benign")

@@ -138,3 +138,20 @@ def test_token_learning_rate_is_named_on_bad_input():
     assert type(model.get_input_embeddings()) is torch.nn.Embedding
     with pytest.raises(ValueError, match="plain text"):
         tokens.token_ids(tok)
+
+
+def test_token_rows_alone_can_train():
+    """A pattern that matches nothing leaves only the rows: they train, every other weight stays."""
+    model, tok, tokens, data, ids = _special_setup()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        train_magic(model, tok, data, config=MagicTrainConfig(max_steps=1, trainable_pattern="no_such_weight"),
+                    progress=False)
+    cfg = MagicTrainConfig(max_steps=2, batch_size=4, trainable_pattern="no_such_weight", token_learning_rate=1e-2)
+    train_magic(model, tok, data, config=cfg, progress=False)
+    after = dict(model.named_parameters())
+    assert set(after) == set(before)
+    emb = "model.embed_tokens.weight"
+    assert all(torch.equal(after[n], before[n]) for n in before if n != emb)
+    assert torch.equal(after[emb][: ids[0]], before[emb][: ids[0]])
+    assert not torch.equal(after[emb][ids], before[emb][ids])

@@ -367,7 +367,8 @@ class MagicTokens:
         for m in self.modes:
             ids = tokenizer(self._tokens[m], add_special_tokens=False)["input_ids"]
             if len(ids) != 1:
-                raise ValueError(f"MagicTokens.token_ids: the {m} token is not one id in `tokenizer`; register it first")
+                raise ValueError(f"MagicTokens.token_ids: the {m} token is not one id in `tokenizer`; "
+                                 "register it first")
             out[m] = ids[0]
         return out
 

@@ -94,7 +94,8 @@ def _check_lora_embeddings(model, tokens: MagicTokens, config: MagicTrainConfig)
     if pat is None or not any(p is emb for n, p in model.named_parameters() if pat.search(n)):
         raise ValueError("train_magic: MagicTrainConfig.lora_rank with special tokens leaves their embedding rows "
                          "frozen (and identical); give them their own rate (token_learning_rate), also train the "
-                         "embeddings (trainable_pattern='embed_tokens') or use text tokens (MagicConfig.special_tokens=False)")
+                         "embeddings (trainable_pattern='embed_tokens') or use text tokens "
+                         "(MagicConfig.special_tokens=False)")
 
 
 def _lr_lambda(total: int, warmup: int, schedule: str) -> Callable[[int], float]:
@@ -175,16 +176,15 @@ def train_magic(model, tokenizer, dataset: MagicDataset, tokens: MagicTokens | N
         rows = add_token_rows(model, list(tokens.token_ids(tokenizer).values()))
     row_ids = {id(p) for p in rows}
     params = [p for p in model.parameters() if p.requires_grad and id(p) not in row_ids]
-    if not params:
+    if not params and not rows:
         merge_lora(model)
-        merge_token_rows(model)
         for n, p in model.named_parameters():
             p.requires_grad_(flags.get(n, True))
         raise ValueError("train_magic: no trainable parameters (check MagicTrainConfig.trainable_pattern "
                          f"{config.trainable_pattern!r} against model.named_parameters())")
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": config.weight_decay}]
+    groups = [{"params": decay, "weight_decay": config.weight_decay}] if decay else []
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
     if rows:
