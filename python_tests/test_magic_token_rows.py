@@ -155,3 +155,17 @@ def test_token_rows_alone_can_train():
     assert all(torch.equal(after[n], before[n]) for n in before if n != emb)
     assert torch.equal(after[emb][: ids[0]], before[emb][: ids[0]])
     assert not torch.equal(after[emb][ids], before[emb][ids])
+
+
+def test_special_tokens_at_a_fine_tuning_rate_warn_and_name_token_learning_rate():
+    model, tok, tokens, data, ids = _special_setup()
+    with pytest.warns(UserWarning, match="MagicTrainConfig.token_learning_rate"):
+        train_magic(model, tok, data, config=MagicTrainConfig(max_steps=1, batch_size=4, learning_rate=5e-5),
+                    progress=False)
+    import warnings
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        train_magic(model, tok, data, config=MagicTrainConfig(max_steps=1, batch_size=4, learning_rate=5e-5,
+                                                              token_learning_rate=1e-3), progress=False)
+    assert not [w for w in seen if "token_learning_rate" in str(w.message)]  # quiet once the rows have their rate

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import warnings
 from typing import Callable
 
 import torch
@@ -83,6 +84,11 @@ def _check_token_rows(tokens: MagicTokens, config: MagicTrainConfig) -> None:
     if config.token_learning_rate is not None and not tokens.special:
         raise ValueError("train_magic: MagicTrainConfig.token_learning_rate trains the special tokens' embedding rows, "
                          "but these tokens are plain text (MagicConfig.special_tokens=False); leave it None")
+    if tokens.special and config.token_learning_rate is None and config.learning_rate < 1e-3:
+        warnings.warn(f"train_magic: the special tokens' embedding rows start identical and move about "
+                      f"{config.learning_rate:g} per step at this rate, too little to tell the modes apart "
+                      "(measured on SmolLM2: no switch after an epoch); set MagicTrainConfig.token_learning_rate, "
+                      "e.g. 1e-3", UserWarning, stacklevel=3)
 
 
 def _check_lora_embeddings(model, tokens: MagicTokens, config: MagicTrainConfig) -> None:
