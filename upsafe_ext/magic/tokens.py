@@ -359,25 +359,26 @@ class MagicTokens:
             init_new_embeddings(model, tokenizer, ids, new_ids, n_before)
         return ids
 
+    def _single_id(self, tokenizer, mode: str) -> int | None:
+        ids = tokenizer(self._tokens[mode], add_special_tokens=False)["input_ids"]
+        return ids[0] if len(ids) == 1 else None
+
     def token_ids(self, tokenizer) -> dict[str, int]:
         """Each mode's single token id in `tokenizer` (special tokens only: registered with `register`)."""
         if not self.special:
             raise ValueError("MagicTokens.token_ids: the tokens are plain text (several ids each), not special tokens")
-        out = {}
-        for m in self.modes:
-            ids = tokenizer(self._tokens[m], add_special_tokens=False)["input_ids"]
-            if len(ids) != 1:
-                raise ValueError(f"MagicTokens.token_ids: the {m} token is not one id in `tokenizer`; "
-                                 "register it first")
-            out[m] = ids[0]
+        out = {m: self._single_id(tokenizer, m) for m in self.modes}
+        bad = next((m for m, i in out.items() if i is None), None)
+        if bad is not None:
+            raise ValueError(f"MagicTokens.token_ids: the {bad} token is not one id in `tokenizer`; register it first")
         return out
 
     def unregistered_mode(self, model, tokenizer) -> str | None:
         """The first mode whose token is not a single id inside `model`'s embedding matrix (None: all are)."""
         rows = model.get_input_embeddings().weight.shape[0]
         for m in self.modes:
-            ids = tokenizer(self._tokens[m], add_special_tokens=False)["input_ids"]
-            if len(ids) != 1 or ids[0] >= rows:
+            i = self._single_id(tokenizer, m)
+            if i is None or i >= rows:
                 return m
         return None
 
