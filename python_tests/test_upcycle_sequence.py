@@ -234,6 +234,48 @@ def test_kl_to_the_base_is_the_routed_prompts_tokens_over_all_tokens(model, tok)
         "kl_benign"] == 0.0
 
 
+def test_generate_chat_gives_each_conversation_its_own_tau(model, tok):
+    from upsafe_ext.eval.generation import chat, generate_chat
+
+    convs = [chat(p) for p in HARMFUL + BENIGN]
+    taus = [1.0, 0.0, 1.0, 0.0, 0.0, 1.0]
+    got = generate_chat(model, tok, convs, max_new_tokens=5, batch_size=4, progress=False, safety_temperature=taus)
+    at = {t: generate_chat(model, tok, convs, max_new_tokens=5, batch_size=4, progress=False,
+                           safety_temperature=[t] * len(convs)) for t in (0.0, 1.0)}
+    assert got == [at[t][i] for i, t in enumerate(taus)]
+    assert at[0.0] != at[1.0]  # the τ reaches the model
+    with pytest.raises(ValueError, match="`safety_temperature` needs one τ per conversation"):
+        generate_chat(model, tok, convs, progress=False, safety_temperature=[0.0])
+
+
+def test_evaluation_decides_each_route_once_and_replies_as_generate_would(model, tok, monkeypatch):
+    """evaluate_routed takes one decision per prompt (cached across τ) and passes it to generate, which then
+    decides nothing: the replies are those of generate deciding by itself, and the routed column is that
+    decision."""
+    import upsafe_ext.upcycle.sequence as seq
+    from upsafe_ext.eval.protocol import EvalSet, evaluate_sets
+    from upsafe_ext.upcycle import safety_temperature
+    from upsafe_ext.upcycle.pipeline import evaluate_routed
+    from upsafe_ext.upcycle.sequence import prompt_routes
+
+    sets = [EvalSet("h", "harmful", tuple(HARMFUL), False, ""), EvalSet("b", "benign", tuple(BENIGN), False, "")]
+    gen = dict(max_new_tokens=5, batch_size=4, progress=False)
+    with safety_temperature(model, 0.5):
+        auto = evaluate_sets(model, tok, sets, **gen)
+    calls = []
+    real = seq.sequence_scores
+    monkeypatch.setattr(seq, "sequence_scores", lambda *a, **k: calls.append(1) or real(*a, **k))
+    scores: dict = {}
+    rows = evaluate_routed(model, tok, sets, tau=0.5, scores=scores, **gen)
+    assert calls == [] and sorted(scores) == sorted(HARMFUL + BENIGN)  # no decision inside generate
+    assert [r["replies"] for r in rows] == [r["replies"] for r in auto]
+    for r, s in zip(rows, sets):
+        assert r["routed"] == float(prompt_routes(model, tok, list(s.prompts), 0.5, progress=False).mean())
+    assert 0 < rows[0]["routed"] + rows[1]["routed"] < 2  # a mixed decision
+    again = evaluate_routed(model, tok, sets, tau=0.9, scores=scores, **gen)
+    assert len(scores) == 6 and again[0]["routed"] >= rows[0]["routed"]  # another τ: no new scores, routes grow
+
+
 def test_demo_config_resolves_the_val_choices_per_routing():
     from upsafe_ext.upcycle import DemoConfig
     from upsafe_ext.upcycle.pipeline import DEFAULT_TAU

@@ -24,13 +24,15 @@ __all__ = ["chat", "check_conversations", "generate_chat", "encode_prompts", "eo
 
 @torch.no_grad()
 def generate_chat(model, tokenizer, conversations: Sequence[Sequence[dict]], max_new_tokens: int = 64,
-                  batch_size: int = 16, progress: bool = True, desc: str = "generate") -> list[str]:
+                  batch_size: int = 16, progress: bool = True, desc: str = "generate",
+                  safety_temperature: Sequence[float] | None = None) -> list[str]:
     """Greedy replies to `conversations` (one string per conversation, in input order).
 
     model: a Hugging Face causal LM (anything with ``.generate``); tokenizer: with a chat template.
     Batches of `batch_size` are left-padded to ``[B, L]`` and run through ``model.generate`` with
     ``do_sample=False`` and the KV cache; the reply is the decoded ``[L, L + max_new_tokens)`` slice up
     to the first eos, special tokens skipped, surrounding whitespace stripped.
+    safety_temperature: one τ per conversation for an upcycled model's ``generate`` (None: the model's own).
     """
     from tqdm.auto import tqdm
     from transformers import GenerationConfig
@@ -40,6 +42,11 @@ def generate_chat(model, tokenizer, conversations: Sequence[Sequence[dict]], max
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"generate_chat: `batch_size` must be a positive int, got {batch_size!r}")
     prompts = encode_prompts(tokenizer, conversations)
+    if safety_temperature is not None:
+        safety_temperature = [float(t) for t in safety_temperature]
+        if len(safety_temperature) != len(prompts):
+            raise ValueError(f"generate_chat: `safety_temperature` needs one τ per conversation, got "
+                             f"{len(safety_temperature)} for {len(prompts)}")
     if not prompts:
         return []
     eos = eos_token_ids(model, tokenizer)
@@ -58,8 +65,9 @@ def generate_chat(model, tokenizer, conversations: Sequence[Sequence[dict]], max
             idx = order[start: start + batch_size]
             ids, mask = left_pad([prompts[i] for i in idx], pad)
             width = ids.shape[1]
+            tau = {} if safety_temperature is None else {"safety_temperature": [safety_temperature[i] for i in idx]}
             out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                 generation_config=gen_cfg)
+                                 generation_config=gen_cfg, **tau)
             new = out[:, width:].tolist()
             for row, i in enumerate(idx):
                 toks = new[row]

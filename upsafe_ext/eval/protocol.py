@@ -188,12 +188,13 @@ def _interleave(lists: Sequence[Sequence[str]]) -> list[str]:
 def evaluate_sets(model, tokenizer, sets: Sequence[EvalSet], *, judge: Callable | None = None,
                   max_new_tokens: int = 48, batch_size: int = 32, system: str | None = None,
                   conversations: Callable[[list[str]], list[list[dict]]] | None = None,
-                  progress: bool = True) -> list[dict]:
+                  safety_temperature: Sequence[float] | None = None, progress: bool = True) -> list[dict]:
     """Greedy replies to every set's prompts (one batched pass), judged. One row per set: name, kind,
     in_source, n, refused, empty, rate (refused / n) and the 95% Wilson interval, plus the replies.
 
     conversations: ``fn(prompts) -> conversations`` to render the requests another way (e.g. a magic
-    mode's token placement, ``magic.magic_conversations``); default: one user turn after `system`."""
+    mode's token placement, ``magic.magic_conversations``); default: one user turn after `system`.
+    safety_temperature: one τ per prompt, the sets' prompts in order (``generation.generate_chat``)."""
     from .generation import chat, generate_chat
     from .judge import RefusalJudge
 
@@ -204,8 +205,9 @@ def evaluate_sets(model, tokenizer, sets: Sequence[EvalSet], *, judge: Callable 
     convs = conversations(flat) if conversations is not None else [chat(p, system) for p in flat]
     if len(convs) != len(flat):
         raise ValueError(f"evaluate_sets: `conversations` returned {len(convs)} conversations for {len(flat)} prompts")
-    replies = generate_chat(model, tokenizer, convs, max_new_tokens=max_new_tokens,
-                            batch_size=batch_size, progress=progress, desc="generate (protocol)") if flat else []
+    replies = generate_chat(model, tokenizer, convs, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                            progress=progress, desc="generate (protocol)",
+                            safety_temperature=safety_temperature) if flat else []
     rows, at = [], 0
     for s in sets:
         rs = replies[at: at + len(s.prompts)]

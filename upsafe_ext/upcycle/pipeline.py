@@ -23,7 +23,7 @@ from ..train.config import SEQUENCE_L2
 from .config import UpcycleConfig
 from .hf import routes_per_sequence
 from .model import safety_moe_modules, safety_temperature, upcycle_
-from .sequence import prompt_routes
+from .sequence import decide, prompt_scores
 
 
 # the default τ of each routing, chosen on val (README): the largest safety on the unseen harmful val sets
@@ -112,22 +112,61 @@ class DemoConfig(SerialisableConfig):
             raise ValueError(f"DemoConfig.default_tau ({self.default_tau}) must be one of `taus` {self.taus}")
 
 
+def routes_at(model, tokenizer, prompts: Sequence[str], tau: float, scores: dict | None = None,
+              progress: bool = True) -> list[float] | None:
+    """The 0/1 route of each prompt (a one-turn chat) at τ for a model routed per sequence, None for any other
+    model. `scores` (prompt -> ``sequence.prompt_scores``) is filled in for the prompts it lacks: the score
+    does not depend on τ, so one pass over the prompts serves every τ of a sweep."""
+    if not safety_moe_modules(model) or not routes_per_sequence(model):
+        return None
+    if tau in (0.0, 1.0):
+        return [float(tau)] * len(prompts)
+    scores = {} if scores is None else scores
+    missing = list(dict.fromkeys(p for p in prompts if p not in scores))
+    if missing:
+        scores.update(zip(missing, prompt_scores(model, tokenizer, missing, progress=progress).tolist()))
+    score = torch.tensor([scores[p] for p in prompts], dtype=torch.float64)
+    return decide(score, torch.full((len(prompts),), float(tau), dtype=torch.float64)).tolist()
+
+
+def evaluate_routed(model, tokenizer, sets, *, tau: float, scores: dict | None = None, max_new_tokens: int = 32,
+                    batch_size: int = 32, progress: bool = True) -> list[dict]:
+    """``eval.protocol.evaluate_sets`` at safety temperature τ (rows with the replies). A model routed per
+    sequence gets each prompt's route from `routes_at` (one decision, which ``generate`` then does not repeat),
+    and every row also holds ``routed`` (share of its prompts sent to the safety experts) and
+    ``refused_not_routed`` (refusals of prompts the base model answered itself: not caused by the routing)."""
+    from ..eval.judge import RefusalJudge
+    from ..eval.protocol import evaluate_sets
+
+    routes = routes_at(model, tokenizer, [p for s in sets for p in s.prompts], tau, scores, progress=progress)
+    with (safety_temperature(model, tau) if safety_moe_modules(model) else contextlib.nullcontext()):
+        rows = evaluate_sets(model, tokenizer, sets, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                             safety_temperature=routes, progress=progress)
+    if routes is not None:
+        judge, at = RefusalJudge(), 0
+        for r in rows:
+            mine, at = routes[at: at + r["n"]], at + r["n"]
+            r["routed"] = sum(mine) / len(mine) if mine else 0.0
+            r["refused_not_routed"] = sum(1 for (_, reply), z in zip(r["replies"], mine) if not z and judge(reply))
+    return rows
+
+
 def evaluate_at(model, tokenizer, sets, *, tau: float, kl_prompts: Sequence[str] | None = None,
-                base_answers: Sequence[str] | None = None, max_new_tokens: int = 32, batch_size: int = 32,
-                progress: bool = True) -> dict:
+                base_answers: Sequence[str] | None = None, scores: dict | None = None, max_new_tokens: int = 32,
+                batch_size: int = 32, progress: bool = True) -> dict:
     """Every protocol set (``eval.protocol.EvalSet``) at safety temperature τ: share refused with n and
-    the 95% Wilson interval per set, and (with `kl_prompts` and the base model's `base_answers` to
-    them) the mean KL(base || model) in nats/token, the base being the same model at τ=0."""
+    the 95% Wilson interval per set (``evaluate_routed``), and (with `kl_prompts` and the base model's
+    `base_answers` to them) the mean KL(base || model) in nats/token, the base being the same model at τ=0.
+    scores: ``routes_at``'s cache of sequence scores (a sweep passes one dict to every τ)."""
     from ..eval.generation import chat
     from ..eval.metrics import KL_MAX_LENGTH, mean_kl
-    from ..eval.protocol import evaluate_sets
     from ..train.sft import IGNORE_INDEX, encode_sft
 
     t0 = time.time()
     upcycled = bool(safety_moe_modules(model))
+    rows = evaluate_routed(model, tokenizer, sets, tau=tau, scores=scores, max_new_tokens=max_new_tokens,
+                           batch_size=batch_size, progress=progress)
     with (safety_temperature(model, tau) if upcycled else contextlib.nullcontext()):
-        rows = evaluate_sets(model, tokenizer, sets, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                             progress=progress)
         out = {"tau": tau, "sets": {r["name"]: {k: v for k, v in r.items() if k != "replies"} for r in rows}}
         if base_answers is not None:
             if not upcycled:
@@ -143,7 +182,7 @@ def evaluate_at(model, tokenizer, sets, *, tau: float, kl_prompts: Sequence[str]
             if not routes_per_sequence(model):
                 out["kl_benign"] = mean_kl(model, reference, tokenizer, convs, base_answers, progress=progress)
             else:  # a prompt not routed to the safety experts is the base model: KL exactly 0 on its tokens
-                routes = prompt_routes(model, tokenizer, kl_prompts, tau, progress=progress).tolist()
+                routes = routes_at(model, tokenizer, kl_prompts, tau, scores, progress=progress)
                 routed = [i for i, r in enumerate(routes) if r]
                 kl_sum = 0.0
                 if routed:  # only the routed prompts are run (at τ=1: their route)
@@ -199,14 +238,17 @@ def plot_pareto(rows: list[dict], path: str) -> str:
 
 
 def sweep_temperature(model, tokenizer, taus: Sequence[float], sets, kl_prompts: Sequence[str] | None = None, *,
-                      base_answers=None, out_dir: str | None = None, max_new_tokens: int = 32,
-                      batch_size: int = 32, progress: bool = True) -> list[dict]:
-    """`evaluate_at` for every τ; writes sweep.json and pareto.png into `out_dir` when given."""
+                      base_answers=None, out_dir: str | None = None, scores: dict | None = None,
+                      max_new_tokens: int = 32, batch_size: int = 32, progress: bool = True) -> list[dict]:
+    """`evaluate_at` for every τ (sharing one cache of sequence scores, `scores` when given); writes sweep.json
+    and pareto.png into `out_dir` when given."""
     from ..upcycle.config import check_safety_temperature
 
     taus = [check_safety_temperature(t, "sweep_temperature: τ") for t in taus]
+    scores = {} if scores is None else scores
     rows = [evaluate_at(model, tokenizer, sets, tau=t, kl_prompts=kl_prompts, base_answers=base_answers,
-                        max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress) for t in taus]
+                        scores=scores, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress)
+            for t in taus]
     if out_dir:
         with atomic_file(os.path.join(out_dir, "sweep.json")) as tmp, open(tmp, "w") as f:
             json.dump(rows, f, indent=2)
@@ -286,25 +328,16 @@ def run_demo(cfg: DemoConfig | None = None, progress: bool = True, model=None, t
     report["training_steps"] = [len(s1), len(s2)]
 
     say(f"[demo] upcycled model at τ={cfg.default_tau:g} on the {cfg.split} sets")
-    with safety_temperature(model, cfg.default_tau):
-        main_rows = evaluate_sets(model, tokenizer, main_sets, **gen)
-    report["after"] = _rates(main_rows)
-    if cfg.routing == "sequence":  # which refusals the routing caused, and which are the base model's own
-        from ..eval.judge import RefusalJudge
-
-        judge = RefusalJudge()
-        for r in main_rows:
-            routes = prompt_routes(model, tokenizer, [p for p, _ in r["replies"]], cfg.default_tau, progress=False)
-            report["after"][r["name"]]["routed"] = float(routes.mean())
-            report["after"][r["name"]]["refused_not_routed"] = sum(
-                1 for (_, reply), z in zip(r["replies"], routes.tolist()) if not z and judge(reply))
+    scores: dict = {}  # sequence scores, one pass per prompt for the main sets and every τ of the sweep
+    main_rows = evaluate_routed(model, tokenizer, main_sets, tau=cfg.default_tau, scores=scores, **gen)
+    report["after"] = _rates(main_rows)  # routed per sequence: which refusals the routing caused, which not
     report["examples"] = {r["name"]: r["replies"][:3] for r in main_rows}
     with atomic_file(os.path.join(cfg.out_dir, "replies.jsonl")) as tmp, open(tmp, "w") as f:  # for a second look
         for r in main_rows:
             for prompt, reply in r["replies"]:
                 f.write(json.dumps({"set": r["name"], "tau": cfg.default_tau, "prompt": prompt, "reply": reply}) + "\n")
     rows = sweep_temperature(model, tokenizer, cfg.taus, sweep_sets, kl_prompts, base_answers=base_answers,
-                             out_dir=cfg.out_dir, **gen)
+                             out_dir=cfg.out_dir, scores=scores, **gen)
     report["sweep"] = rows
     if cfg.save_model:
         report["model_dir"] = save_upcycled(model, os.path.join(cfg.out_dir, "model"), tokenizer=tokenizer)

@@ -37,7 +37,7 @@ from .layer import current_tau, is_pure_tau, request_safety_temperature, request
 from .scan import fit_probe_params, map_prompts
 
 __all__ = ["generation_positions", "router_inputs", "sequence_scores", "sequence_routes", "decide",
-           "prompt_router_inputs", "prompt_routes", "fit_sequence_routers", "set_sequence_routers"]
+           "prompt_router_inputs", "prompt_scores", "prompt_routes", "fit_sequence_routers", "set_sequence_routers"]
 
 
 class _Stop(Exception):
@@ -150,6 +150,17 @@ def prompt_router_inputs(model, tokenizer, prompts: Sequence[str], *, system: st
 
 
 @torch.no_grad()
+def prompt_scores(model, tokenizer, prompts: Sequence[str], *, system: str | None = None, batch_size: int = 16,
+                  progress: bool = True) -> Tensor:
+    """``[n]`` float64 sequence scores of one-turn chats. The score does not depend on τ, so one pass serves
+    every τ: ``decide(score, tau)`` is the route (as ``generate`` would take it on the same prompt)."""
+    if not len(prompts):
+        return torch.empty(0, dtype=torch.float64)
+    x = prompt_router_inputs(model, tokenizer, prompts, system=system, batch_size=batch_size, progress=progress)
+    return scores_from_inputs(model, x.to(next(model.parameters()).device)).cpu().double()
+
+
+@torch.no_grad()
 def prompt_routes(model, tokenizer, prompts: Sequence[str], tau, *, system: str | None = None,
                   batch_size: int = 16, progress: bool = True) -> Tensor:
     """``[n]`` float64 0/1: the decision for one-turn chats at safety temperature ``tau`` (a float)."""
@@ -158,8 +169,7 @@ def prompt_routes(model, tokenizer, prompts: Sequence[str], tau, *, system: str 
     tau = check_safety_temperature(tau, "prompt_routes: `tau`")
     if tau in (0.0, 1.0):  # no decision to take: skip the forward passes
         return torch.full((len(prompts),), tau, dtype=torch.float64)
-    x = prompt_router_inputs(model, tokenizer, prompts, system=system, batch_size=batch_size, progress=progress)
-    score = scores_from_inputs(model, x.to(next(model.parameters()).device)).cpu()
+    score = prompt_scores(model, tokenizer, prompts, system=system, batch_size=batch_size, progress=progress)
     return decide(score, torch.full((len(prompts),), tau, dtype=torch.float64))
 
 
