@@ -274,6 +274,8 @@ def test_evaluation_decides_each_route_once_and_replies_as_generate_would(model,
     assert 0 < rows[0]["routed"] + rows[1]["routed"] < 2  # a mixed decision
     again = evaluate_routed(model, tok, sets, tau=0.9, scores=scores, **gen)
     assert len(scores) == 6 and again[0]["routed"] >= rows[0]["routed"]  # another τ: no new scores, routes grow
+    with pytest.raises(ValueError, match="routes_at: `tau`"):
+        evaluate_routed(model, tok, sets, tau=1.5, scores=scores, **gen)
 
 
 def test_demo_config_resolves_the_val_choices_per_routing():

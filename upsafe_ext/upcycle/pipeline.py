@@ -116,7 +116,11 @@ def routes_at(model, tokenizer, prompts: Sequence[str], tau: float, scores: dict
               progress: bool = True) -> list[float] | None:
     """The 0/1 route of each prompt (a one-turn chat) at τ for a model routed per sequence, None for any other
     model. `scores` (prompt -> ``sequence.prompt_scores``) is filled in for the prompts it lacks: the score
-    does not depend on τ, so one pass over the prompts serves every τ of a sweep."""
+    does not depend on τ, so one pass over the prompts serves every τ of a sweep (it holds for the routers as
+    they are: start a new dict after changing them)."""
+    from .config import check_safety_temperature
+
+    tau = check_safety_temperature(tau, "routes_at: `tau`")
     if not safety_moe_modules(model) or not routes_per_sequence(model):
         return None
     if tau in (0.0, 1.0):
