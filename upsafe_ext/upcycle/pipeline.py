@@ -23,7 +23,7 @@ from ..train.config import SEQUENCE_L2
 from .config import UpcycleConfig
 from .hf import routes_per_sequence
 from .model import safety_moe_modules, safety_temperature, upcycle_
-from .sequence import decide, prompt_scores
+from .sequence import prompt_routes
 
 
 # the default τ of each routing, chosen on val (README): the largest safety on the unseen harmful val sets
@@ -114,23 +114,15 @@ class DemoConfig(SerialisableConfig):
 
 def routes_at(model, tokenizer, prompts: Sequence[str], tau: float, scores: dict | None = None,
               progress: bool = True) -> list[float] | None:
-    """The 0/1 route of each prompt (a one-turn chat) at τ for a model routed per sequence, None for any other
-    model. `scores` (prompt -> ``sequence.prompt_scores``) is filled in for the prompts it lacks: the score
-    does not depend on τ, so one pass over the prompts serves every τ of a sweep (it holds for the routers as
-    they are: start a new dict after changing them)."""
+    """The 0/1 route of each prompt (a one-turn chat) at τ (``sequence.prompt_routes``, with `scores` its
+    cache: one pass over the prompts serves every τ of a sweep) for a model routed per sequence; None for
+    any other model."""
     from .config import check_safety_temperature
 
     tau = check_safety_temperature(tau, "routes_at: `tau`")
     if not safety_moe_modules(model) or not routes_per_sequence(model):
         return None
-    if tau in (0.0, 1.0):
-        return [float(tau)] * len(prompts)
-    scores = {} if scores is None else scores
-    missing = list(dict.fromkeys(p for p in prompts if p not in scores))
-    if missing:
-        scores.update(zip(missing, prompt_scores(model, tokenizer, missing, progress=progress).tolist()))
-    score = torch.tensor([scores[p] for p in prompts], dtype=torch.float64)
-    return decide(score, torch.full((len(prompts),), float(tau), dtype=torch.float64)).tolist()
+    return prompt_routes(model, tokenizer, prompts, tau, scores=scores, progress=progress).tolist()
 
 
 def evaluate_routed(model, tokenizer, sets, *, tau: float, scores: dict | None = None, max_new_tokens: int = 32,

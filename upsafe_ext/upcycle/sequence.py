@@ -162,14 +162,23 @@ def prompt_scores(model, tokenizer, prompts: Sequence[str], *, system: str | Non
 
 @torch.no_grad()
 def prompt_routes(model, tokenizer, prompts: Sequence[str], tau, *, system: str | None = None,
-                  batch_size: int = 16, progress: bool = True) -> Tensor:
-    """``[n]`` float64 0/1: the decision for one-turn chats at safety temperature ``tau`` (a float)."""
+                  batch_size: int = 16, scores: dict | None = None, progress: bool = True) -> Tensor:
+    """``[n]`` float64 0/1: the decision for one-turn chats at safety temperature ``tau`` (a float).
+
+    scores: a cache, prompt -> ``prompt_scores``, filled in for the prompts it lacks (the score does not
+    depend on τ, so one dict serves every τ of a sweep; it holds for the routers as they are and for one
+    `system`: start a new dict after changing either)."""
     from .config import check_safety_temperature
 
     tau = check_safety_temperature(tau, "prompt_routes: `tau`")
     if tau in (0.0, 1.0):  # no decision to take: skip the forward passes
         return torch.full((len(prompts),), tau, dtype=torch.float64)
-    score = prompt_scores(model, tokenizer, prompts, system=system, batch_size=batch_size, progress=progress)
+    scores = {} if scores is None else scores
+    missing = list(dict.fromkeys(p for p in prompts if p not in scores))
+    if missing:
+        scores.update(zip(missing, prompt_scores(model, tokenizer, missing, system=system, batch_size=batch_size,
+                                                 progress=progress).tolist()))
+    score = torch.tensor([scores[p] for p in prompts], dtype=torch.float64)
     return decide(score, torch.full((len(prompts),), tau, dtype=torch.float64))
 
 
