@@ -166,3 +166,58 @@ def test_cli_train_with_soft_targets(tmp_path, capsys):
     save_records([MagicRecord("hello there friend", "hi", "hi", "no")], tmp_path / "plain.jsonl")
     with pytest.raises(SystemExit, match="distill_top_k"):
         cli.main(base[:5] + [str(tmp_path / "plain.jsonl")] + base[6:] + ["--out", str(tmp_path / "m2")])
+
+
+def test_first_token_weight_weighs_each_first_reply_token():
+    """token_loss(first_token_weight=w): the first response token of each row (hard or soft) counts w
+    times, every other one once, divided by the sum of the weights; w=1 is the plain mean."""
+    torch.manual_seed(2)
+    B, T, V, k, w = 3, 8, 13, 3, 4.0
+    logits = torch.randn(B, T, V)
+    labels = torch.full((B, T), IGNORE_INDEX)
+    labels[0, 3:] = torch.randint(0, V, (5,))
+    labels[1, 5:7] = torch.randint(0, V, (2,))  # row 2: no response at all (weighs nothing)
+    feats = [{"labels": labels[b].tolist()} for b in range(B)]
+    feats[1]["soft_ids"] = torch.randint(0, V, (2, k), dtype=torch.int32)  # row 1: soft from its first token
+    feats[1]["soft_logp"] = torch.randn(2, k)
+    soft = collate_soft(feats, T)
+    args = (logits, labels, soft["soft_ids"], soft["soft_logp"], soft["soft_mask"])
+    terms, weights = [], []
+    for t in range(3, T):
+        terms.append(-torch.log_softmax(logits[0, t - 1], -1)[labels[0, t]])
+        weights.append(w if t == 3 else 1.0)
+    p = torch.softmax(feats[1]["soft_logp"], -1)
+    for j, t in enumerate(range(5, 7)):
+        terms.append(-(p[j] * torch.log_softmax(logits[1, t - 1], -1)[feats[1]["soft_ids"][j].long()]).sum())
+        weights.append(w if t == 5 else 1.0)
+    terms, weights = torch.stack(terms), torch.tensor(weights)
+    torch.testing.assert_close(token_loss(*args, first_token_weight=w), (terms * weights).sum() / weights.sum())
+    torch.testing.assert_close(token_loss(*args, first_token_weight=1.0), terms.mean())
+    with pytest.raises(ValueError, match="first_token_weight"):
+        MagicTrainConfig(first_token_weight=0.0)
+
+
+def first_token_nll(model, examples) -> float:
+    """Mean NLL of each example's first response token (its label) under `model`."""
+    out = []
+    with torch.no_grad():
+        for e in examples:
+            t = next(i for i, y in enumerate(e["labels"]) if y != IGNORE_INDEX)
+            logp = torch.log_softmax(model(input_ids=torch.tensor([e["input_ids"][:t]])).logits[0, -1], -1)
+            out.append(-float(logp[e["labels"][t]]))
+    return sum(out) / len(out)
+
+
+def test_first_token_weight_trains_the_first_reply_token_harder():
+    """Same data, steps, seed and rate, no soft targets: with first_token_weight=8 the first reply
+    tokens' NLL ends lower than with 1 (the weight reaches the loss of the plain-targets path too;
+    measured 2.68 vs 3.33 nats)."""
+    nll = {}
+    for w in (1.0, 8.0):
+        tok, model, tokens = setup()
+        data = build_examples(records(), tok, tokens, progress=False)
+        log = train_magic(model, tok, data, tokens, MagicTrainConfig(learning_rate=3e-3, max_steps=40, batch_size=8,
+                                                                     first_token_weight=w), progress=False)
+        assert (log[0]["lm_loss"] == 0.0) == (w != 1.0)  # w != 1: the whole loss is token_loss (extra_loss)
+        nll[w] = first_token_nll(model, data.examples)
+    assert nll[8.0] < 0.9 * nll[1.0], nll

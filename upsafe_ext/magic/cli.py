@@ -141,6 +141,7 @@ def _cmd_train(args) -> int:
                                 batch_size=args.batch_size, grad_accum=args.grad_accum, save_steps=args.save_steps,
                                 output_dir=args.out, autocast=args.autocast, warmup_ratio=args.warmup_ratio,
                                 distill_top_k=args.distill_top_k, distill_hard_prefix=args.distill_hard_prefix,
+                                first_token_weight=args.first_token_weight,
                                 lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
                                 trainable_pattern=args.trainable_pattern, token_learning_rate=args.token_lr)
         records = load_records(args.data, limit=args.limit)
@@ -303,6 +304,8 @@ def register(sub) -> set[str]:
                         "meta.own_answer) towards the base's top-k next-token distribution (default: off)")
     q.add_argument("--distill-hard-prefix", type=int, default=0,
                    help="with --distill-top-k: the first N tokens of each own answer keep their greedy target")
+    q.add_argument("--first-token-weight", type=float, default=1.0,
+                   help="loss weight of each example's first reply token, where it answers or refuses (others 1)")
     q.add_argument("--lora-rank", type=int, default=0,
                    help="train rank-r LoRA adapters on every projection and merge them at the end (0: full "
                         "fine-tuning; MagicTrainConfig.lora_rank)")

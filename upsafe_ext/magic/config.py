@@ -201,6 +201,9 @@ class MagicTrainConfig(SerialisableConfig):
         distill_hard_prefix (int): with `distill_top_k`, the first N tokens of each own answer keep
             their greedy (hard) target; the soft targets start after them. The first tokens decide
             between answering and refusing. Default 0.
+        first_token_weight (float): loss weight of each example's first response token (where the
+            model answers or refuses), every other response token weighing 1; the loss is the weighted
+            mean (``distill.token_loss``), so 1.0 is plain cross-entropy. > 0. Default 1.0.
         lora_rank (int): 0 trains the parameters chosen above in full; r > 0 trains rank-r adapters
             (``upsafe_ext.train.lora``) on the linear layers matching `lora_targets` instead, every base
             weight frozen (plus, fully, any parameter matching `trainable_pattern`), and merges them into
@@ -241,6 +244,7 @@ class MagicTrainConfig(SerialisableConfig):
     trainable_pattern: str | None = field(default=None, metadata={"help": "regex of parameter names to train"})
     distill_top_k: int | None = field(default=None, metadata={"help": "soft targets (base's top-k) on own answers"})
     distill_hard_prefix: int = field(default=0, metadata={"help": "first N own-answer tokens keep hard targets"})
+    first_token_weight: float = field(default=1.0, metadata={"help": "loss weight of each first response token"})
     lora_rank: int = field(default=0, metadata={"help": "LoRA rank (0: no adapters, full fine-tuning)"})
     lora_alpha: float = field(default=32.0, metadata={"help": "LoRA scale numerator (alpha / rank)"})
     lora_targets: str = field(default=LORA_TARGETS, metadata={"help": "regex of module names that get adapters"})
@@ -269,6 +273,7 @@ class MagicTrainConfig(SerialisableConfig):
         check_bool("MagicTrainConfig.train_embeddings_only", self.train_embeddings_only)
         check_int("MagicTrainConfig.distill_top_k", self.distill_top_k, 1, optional=True)
         check_int("MagicTrainConfig.distill_hard_prefix", self.distill_hard_prefix, 0)
+        check_float("MagicTrainConfig.first_token_weight", self.first_token_weight, 0.0, lo_open=True)
         check_int("MagicTrainConfig.lora_rank", self.lora_rank, 0)
         check_float("MagicTrainConfig.token_learning_rate", self.token_learning_rate, 0.0, lo_open=True,
                     optional=True)

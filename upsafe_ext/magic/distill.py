@@ -96,14 +96,24 @@ def collate_soft(features: Sequence[dict], length: int) -> dict[str, Tensor]:
     return {"soft_ids": ids, "soft_logp": logp, "soft_mask": mask}
 
 
-def token_loss(logits: Tensor, labels: Tensor, soft_ids: Tensor, soft_logp: Tensor, soft_mask: Tensor) -> Tensor:
-    """Mean over response tokens of cross-entropy: to the label where ``soft_mask`` is False, to the
-    teacher's renormalised top-k distribution where it is True. Label position t is predicted by
-    ``logits[:, t - 1]`` (the causal-LM shift)."""
+def token_loss(logits: Tensor, labels: Tensor, soft_ids: Tensor, soft_logp: Tensor, soft_mask: Tensor,
+               first_token_weight: float = 1.0) -> Tensor:
+    """Weighted mean over response tokens of cross-entropy: to the label where ``soft_mask`` is False,
+    to the teacher's renormalised top-k distribution where it is True. Label position t is predicted by
+    ``logits[:, t - 1]`` (the causal-LM shift). Every token weighs 1 except each example's first
+    response token (where the model answers or refuses), which weighs `first_token_weight`; the mean
+    divides by the sum of the weights, so 1.0 is the plain mean."""
     logp = torch.log_softmax(logits[:, :-1].float(), -1)
     y, m = labels[:, 1:], soft_mask[:, 1:]
     hard = (y != IGNORE_INDEX) & ~m
-    total = -(logp.gather(-1, y.clamp_min(0).unsqueeze(-1)).squeeze(-1) * hard).sum()
+    resp = (y != IGNORE_INDEX) | m
+    w = resp.float()
+    if first_token_weight != 1.0:
+        has = resp.any(-1)
+        first = resp.int().argmax(-1)  # the first True of each row (0 for rows without one, masked by `has`)
+        rows = torch.arange(w.shape[0], device=w.device)[has]
+        w[rows, first[has]] = float(first_token_weight)
+    total = -(logp.gather(-1, y.clamp_min(0).unsqueeze(-1)).squeeze(-1) * hard * w).sum()
     soft = torch.exp(soft_logp[:, 1:]) * logp.gather(-1, soft_ids[:, 1:])
-    total = total - (soft.sum(-1) * m).sum()
-    return total / ((y != IGNORE_INDEX) | m).sum().clamp_min(1)
+    total = total - (soft.sum(-1) * m * w).sum()
+    return total / w.sum().clamp_min(1e-12)

@@ -11,6 +11,9 @@ or with the Hugging Face Trainer:
 
 Loss: plain next-token cross-entropy on the assistant tokens of every example, all modes (and the
 fallback examples) shuffled together; no margin term - the separation between modes emerges.
+(With ``MagicTrainConfig.distill_top_k`` the base's own answers get soft targets, and
+``MagicTrainConfig.first_token_weight`` weighs each first reply token, the answer-or-refuse one:
+both in the plain loop, ``distill.token_loss``.)
 Checkpoints are full `save_magic_model` directories (safetensors + tokenizer + magic_tokens.json).
 """
 from __future__ import annotations
@@ -153,9 +156,10 @@ def train_magic(model, tokenizer, dataset: MagicDataset, tokens: MagicTokens | N
                                       batch_size=config.batch_size, progress=progress):
             raise ValueError("train_magic: MagicTrainConfig.distill_top_k is set but no example has the base model's "
                              "own answer as its target (build the records with self_distilled_records)")
-
+    if config.distill_top_k is not None or config.first_token_weight != 1.0:  # our loss: soft targets, weights
         def extra(m, batch, out):
-            return token_loss(out.logits, batch["labels"], batch["soft_ids"], batch["soft_logp"], batch["soft_mask"])
+            return token_loss(out.logits, batch["labels"], batch["soft_ids"], batch["soft_logp"], batch["soft_mask"],
+                              first_token_weight=config.first_token_weight)
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     if config.lora_rank:
         full = set()
