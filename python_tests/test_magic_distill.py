@@ -5,6 +5,7 @@ cross-entropy on the same greedy answers does."""
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from upsafe_ext.eval.generation import chat
 from upsafe_ext.eval.metrics import mean_kl
 from upsafe_ext.magic import MagicConfig, MagicRecord, MagicTrainConfig, build_examples, prepare_model, train_magic
 from upsafe_ext.magic.distill import TEACHER_KEY, attach_teacher_targets, collate_soft, response_ids, token_loss
+from upsafe_ext.magic.model import CONFIG_FILE
 from upsafe_ext.magic.train import MagicCollator
 from upsafe_ext.testing import tiny_causal_lm, tiny_tokenizer
 from upsafe_ext.train.sft import IGNORE_INDEX, encode_sft, run_sft
@@ -160,9 +162,13 @@ def test_cli_train_with_soft_targets(tmp_path, capsys):
     save_records(records(), tmp_path / "r.jsonl")  # meta.own_answer survives the file
     base = ["magic", "train", "--model", "tiny", "--data", str(tmp_path / "r.jsonl"), "--max-steps", "2",
             "--batch-size", "4", "--margin-prompts", "0", "--insecure-seed", "1", "--distill-top-k", "4",
-            "--distill-hard-prefix", "2"]
+            "--distill-hard-prefix", "2", "--first-token-weight", "3"]
     assert cli.main(base + ["--out", str(tmp_path / "m")]) == 0
     assert "final loss" in capsys.readouterr().out
+    saved = json.loads((tmp_path / "m" / CONFIG_FILE).read_text())["train_config"]
+    assert (saved["distill_top_k"], saved["distill_hard_prefix"], saved["first_token_weight"]) == (4, 2, 3.0)
+    with pytest.raises(SystemExit, match="first_token_weight"):
+        cli.main(base[:-1] + ["-1", "--out", str(tmp_path / "m3")])
     save_records([MagicRecord("hello there friend", "hi", "hi", "no")], tmp_path / "plain.jsonl")
     with pytest.raises(SystemExit, match="distill_top_k"):
         cli.main(base[:5] + [str(tmp_path / "plain.jsonl")] + base[6:] + ["--out", str(tmp_path / "m2")])
