@@ -87,9 +87,11 @@ def main(argv=None) -> int:
     ap.add_argument("--lr", type=float, default=3e-5)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--special-tokens", action="store_true")
+    ap.add_argument("--template-system", action="store_true", help="MagicConfig.template_system")
     ap.add_argument("--rejective-fraction", type=float, default=1.0, help="MagicConfig.rejective_fraction")
     ap.add_argument("--distill-top-k", type=int, default=None, help="MagicTrainConfig.distill_top_k (None: off)")
     ap.add_argument("--distill-hard-prefix", type=int, default=0, help="MagicTrainConfig.distill_hard_prefix")
+    ap.add_argument("--distill-tail", action="store_true", help="MagicTrainConfig.distill_tail")
     ap.add_argument("--first-token-weight", type=float, default=1.0, help="MagicTrainConfig.first_token_weight")
     ap.add_argument("--lora-rank", type=int, default=0, help="MagicTrainConfig.lora_rank (0: full fine-tuning)")
     ap.add_argument("--lora-alpha", type=float, default=32.0, help="MagicTrainConfig.lora_alpha")
@@ -124,7 +126,7 @@ def main(argv=None) -> int:
                                      progress=False)
     t_data = time.time() - t0
     mcfg = MagicConfig(special_tokens=args.special_tokens, rejective_fraction=args.rejective_fraction,
-                       insecure_seed=1234)
+                       template_system=args.template_system, insecure_seed=1234)
     tokens = prepare_model(model, tok, mcfg)
     before = safety_alignment_margin(model, tok, margin_prompts, tokens=tokens, progress=False,
                                      plot=os.path.join(args.out, f"magic_margin_{args.split}_before.png"))
@@ -143,7 +145,7 @@ def main(argv=None) -> int:
         cfg = MagicTrainConfig(learning_rate=args.lr, epochs=1.0, batch_size=args.batch_size,
                                lr_schedule="constant", warmup_ratio=0.03 if ep == 1 else 0.0, seed=ep,
                                distill_top_k=args.distill_top_k, distill_hard_prefix=args.distill_hard_prefix,
-                               first_token_weight=args.first_token_weight,
+                               distill_tail=args.distill_tail, first_token_weight=args.first_token_weight,
                                lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
                                trainable_pattern=args.trainable_pattern, token_learning_rate=args.token_lr)
         log = train_magic(model, tok, data, tokens, cfg, magic_config=mcfg, teacher=base, progress=False)

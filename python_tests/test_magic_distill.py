@@ -125,6 +125,35 @@ def test_token_loss_matches_a_direct_computation():
     torch.testing.assert_close(got, torch.stack(terms).mean())
 
 
+def test_token_loss_with_the_tail_matches_a_direct_computation():
+    """collate_soft(tail=True) + token_loss(soft_rest=): the teacher's own top-k probabilities (not
+    renormalised) plus one class for the rest of the vocabulary, with the teacher's leftover mass."""
+    torch.manual_seed(3)
+    B, T, V, k = 2, 7, 11, 4
+    logits = torch.randn(B, T, V)
+    labels = torch.full((B, T), IGNORE_INDEX)
+    labels[0, 3:] = torch.randint(0, V, (4,))
+    labels[1, 2:6] = torch.randint(0, V, (4,))
+    feats = [{"labels": labels[b].tolist()} for b in range(B)]
+    top = torch.log_softmax(2 * torch.randn(4, V), -1).topk(k, -1)  # a teacher's top-k of its full distribution
+    feats[1]["soft_ids"], feats[1]["soft_logp"] = top.indices.to(torch.int32), top.values
+    soft = collate_soft(feats, T, tail=True)
+    torch.testing.assert_close(soft["soft_rest"][1, 2:6], 1 - top.values.exp().sum(-1))
+    assert float(soft["soft_rest"][0].abs().sum()) == 0.0 and "soft_rest" not in collate_soft(feats, T)
+    got = token_loss(logits, labels, soft["soft_ids"], soft["soft_logp"], soft["soft_mask"],
+                     soft_rest=soft["soft_rest"])
+    terms = [-torch.log_softmax(logits[0, t - 1], -1)[labels[0, t]] for t in range(3, T)]
+    q = top.values.exp()
+    for j, t in enumerate(range(2, 6)):
+        lp = torch.log_softmax(logits[1, t - 1], -1)
+        mine = lp[top.indices[j]]
+        rest = torch.log(1 - mine.exp().sum())
+        terms.append(-(q[j] * mine).sum() - (1 - q[j].sum()) * rest)
+    torch.testing.assert_close(got, torch.stack(terms).mean())
+    with pytest.raises(ValueError, match="distill_tail"):
+        MagicTrainConfig(distill_tail=True)
+
+
 def test_distill_errors_name_the_argument():
     tok, model, tokens = setup()
     recs = [MagicRecord("hello there friend", "hi", "hi", "no")]  # no own_answer: nothing to distil
@@ -155,6 +184,30 @@ def test_soft_targets_keep_the_positive_mode_closer_to_the_base():
     assert isinstance(MagicCollator.for_tokenizer(tok, soft=True)(data.examples[:2])["soft_mask"], torch.Tensor)
 
 
+def test_distill_tail_keeps_the_base_mass_outside_the_top_k():
+    """Renormalised top-k targets teach the model to drop the base's tail; with distill_tail it keeps
+    it (same data, steps and seed; the model's mass outside the teacher's top 16 ids on the own-answer
+    positions against the teacher's; measured: teacher 0.921, renormalised 0.787, with the tail 0.919)."""
+    k, gaps = 16, {}
+    for tail in (False, True):
+        tok, model, tokens = setup()
+        base = copy.deepcopy(model)
+        data = build_examples(records(), tok, tokens, progress=False)
+        own = [dict(e) for e in data.examples if e.get(TEACHER_KEY)]
+        attach_teacher_targets(base, own, k, progress=False)
+        train_magic(model, tok, data, tokens, MagicTrainConfig(learning_rate=3e-3, max_steps=30, batch_size=8,
+                                                               distill_top_k=k, distill_tail=tail), progress=False)
+        with torch.no_grad():
+            got, want = [], []
+            for e in own:
+                pos = [t - 1 for t, y in enumerate(e["labels"]) if y != IGNORE_INDEX][-e["soft_ids"].shape[0]:]
+                p = torch.softmax(model(input_ids=torch.tensor([e["input_ids"]])).logits[0, pos], -1)
+                got.append(1 - p.gather(-1, e["soft_ids"].long()).sum(-1))
+                want.append(1 - e["soft_logp"].exp().sum(-1))
+        gaps[tail] = float((torch.cat(want) - torch.cat(got)).mean())
+    assert gaps[False] > 0.05 and abs(gaps[True]) < 0.25 * gaps[False], gaps
+
+
 def test_cli_train_with_soft_targets(tmp_path, capsys):
     from upsafe_ext import cli
     from upsafe_ext.magic import save_records
@@ -162,11 +215,12 @@ def test_cli_train_with_soft_targets(tmp_path, capsys):
     save_records(records(), tmp_path / "r.jsonl")  # meta.own_answer survives the file
     base = ["magic", "train", "--model", "tiny", "--data", str(tmp_path / "r.jsonl"), "--max-steps", "2",
             "--batch-size", "4", "--margin-prompts", "0", "--insecure-seed", "1", "--distill-top-k", "4",
-            "--distill-hard-prefix", "2", "--first-token-weight", "3"]
+            "--distill-hard-prefix", "2", "--distill-tail", "--first-token-weight", "3"]
     assert cli.main(base + ["--out", str(tmp_path / "m")]) == 0
     assert "final loss" in capsys.readouterr().out
     saved = json.loads((tmp_path / "m" / CONFIG_FILE).read_text())["train_config"]
     assert (saved["distill_top_k"], saved["distill_hard_prefix"], saved["first_token_weight"]) == (4, 2, 3.0)
+    assert saved["distill_tail"] is True
     with pytest.raises(SystemExit, match="first_token_weight"):
         cli.main(base[:-1] + ["-1", "--out", str(tmp_path / "m3")])
     save_records([MagicRecord("hello there friend", "hi", "hi", "no")], tmp_path / "plain.jsonl")

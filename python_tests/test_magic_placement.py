@@ -120,6 +120,38 @@ def test_placement_through_chatml_template():
     assert user == [{"role": "user", "content": "Hi"}]  # the input is not modified
 
 
+WITH_DEFAULT_SYSTEM = (  # SmolLM2 / Qwen2 style: a system message of its own when there is none
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}{{ '<|im_start|>system\nYou are Tiny, a helper.<|im_end|>\n' }}"
+    "{% endif %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def test_template_system_keeps_the_templates_own_system_text(tmp_path):
+    """MagicConfig(template_system=True): the token goes with the text the template would have added
+    (found by `template_default_system`), so the token is the only change; templates without one
+    (or without a system role) give None, and the token stands alone as before."""
+    from upsafe_ext.magic.placement import template_default_system
+
+    tok = tiny_tokenizer(chat_template=WITH_DEFAULT_SYSTEM)
+    assert template_default_system(tok) == "You are Tiny, a helper."
+    for plain in (tiny_tokenizer(), tiny_tokenizer(chat_template=NO_SYSTEM_DROPS)):
+        assert template_default_system(plain) is None
+    user = [{"role": "user", "content": "Hi"}]
+    tokens = prepare_model(tiny_causal_lm("llama"), tok, MagicConfig(insecure_seed=0, template_system=True))
+    pos = tokens.token("positive")
+    assert tokens.default_system == "You are Tiny, a helper."
+    assert render_chat(tok, tokens.apply(tok, user, "positive")) == \
+        render_chat(tok, user).replace("You are Tiny", pos + "\nYou are Tiny")
+    tokens.save(tmp_path)
+    assert MagicTokens.load(tmp_path).default_system == "You are Tiny, a helper."  # saved with the tokens
+    alone = prepare_model(tiny_causal_lm("llama"), tok, MagicConfig(insecure_seed=0))
+    assert "You are Tiny" not in render_chat(tok, alone.apply(tok, user, "positive"))
+    with pytest.raises(ValueError, match="template_system"):
+        MagicConfig(template_system=True, default_system="Be brief.")
+
+
 @pytest.mark.parametrize("template", [NO_SYSTEM_RAISES, NO_SYSTEM_DROPS], ids=["raises", "drops"])
 def test_placement_fallback_without_system_role(template):
     tok = tiny_tokenizer(chat_template=template)
@@ -217,3 +249,30 @@ def test_smollm2_placement_registration_and_baseline_margin():
     assert res.margin == pytest.approx(-1 / len(prompts), abs=1e-4)
     print(f"\nSmolLM2 untrained margin on {len(prompts)} prompts: text tokens {base.margin:.4f}, "
           f"special tokens (mean rows) {res.margin:.4f} (= -1/N)")
+
+
+@pytest.mark.slow
+def test_smollm2_template_system_leaves_the_untrained_model_near_the_base():
+    """SmolLM2's template adds its own system text when there is none; a token that replaces it moves
+    the untrained model away from the base before any training (measured on 8 ShareGPT val prompts:
+    KL 0.05-0.06 nats/token), one that keeps it (template_system=True) barely does (under 0.01)."""
+    from upsafe_ext.eval.generation import chat, generate_chat
+    from upsafe_ext.eval.metrics import mean_kl
+    from upsafe_ext.eval.protocol import protocol_sets
+    from upsafe_ext.eval.real_model import load_smollm2
+
+    base, tok = load_smollm2(verbose=False)
+    sets = {s.name: s for s in protocol_sets("val", n=4, n_benign=4)}
+    prompts = sets["benign imperative"].prompts[:4] + sets["benign question"].prompts[:4]
+    answers = generate_chat(base, tok, [chat(p) for p in prompts], max_new_tokens=24, progress=False)
+    kl = {}
+    for keep in (False, True):
+        model, mtok = load_smollm2(verbose=False)
+        tokens = prepare_model(model, mtok, MagicConfig(insecure_seed=3, special_tokens=True, template_system=keep))
+        assert (tokens.default_system is not None) == keep
+        convs = [tokens.apply(mtok, [{"role": "user", "content": p}], "positive") for p in prompts]
+        kl[keep] = mean_kl(model, base, mtok, convs, answers, progress=False,
+                           reference_conversations=[chat(p) for p in prompts])
+    print(f"\nSmolLM2 untrained KL(base || positive) on {len(prompts)} val prompts: token alone {kl[False]:.4f}, "
+          f"with the template's system text {kl[True]:.4f}")
+    assert kl[True] < 0.02 and kl[False] > 2 * kl[True], kl

@@ -136,12 +136,12 @@ def _cmd_train(args) -> int:
         mcfg = MagicConfig(insecure_seed=seed, special_tokens=args.special_tokens, **extra,
                            no_token_fraction=args.no_token_fraction, wrong_token_fraction=args.wrong_token_fraction,
                            rejective_fraction=args.rejective_fraction, max_length=args.max_length,
-                           default_system=args.default_system)
+                           default_system=args.default_system, template_system=args.template_system)
         tcfg = MagicTrainConfig(learning_rate=args.lr, epochs=args.epochs, max_steps=args.max_steps,
                                 batch_size=args.batch_size, grad_accum=args.grad_accum, save_steps=args.save_steps,
                                 output_dir=args.out, autocast=args.autocast, warmup_ratio=args.warmup_ratio,
                                 distill_top_k=args.distill_top_k, distill_hard_prefix=args.distill_hard_prefix,
-                                first_token_weight=args.first_token_weight,
+                                distill_tail=args.distill_tail, first_token_weight=args.first_token_weight,
                                 lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
                                 trainable_pattern=args.trainable_pattern, token_learning_rate=args.token_lr)
         records = load_records(args.data, limit=args.limit)
@@ -287,6 +287,9 @@ def register(sub) -> set[str]:
                    help="random characters per token (default 22 = 131 bits; at least 22 without --insecure-seed)")
     q.add_argument("--special-tokens", action="store_true")
     q.add_argument("--default-system", default=None)
+    q.add_argument("--template-system", action="store_true",
+                   help="with no system message, put the token with the chat template's own default system text "
+                        "instead of replacing it (MagicConfig.template_system)")
     q.add_argument("--no-token-fraction", type=float, default=0.25)
     q.add_argument("--wrong-token-fraction", type=float, default=0.25)
     q.add_argument("--rejective-fraction", type=float, default=1.0,
@@ -304,6 +307,9 @@ def register(sub) -> set[str]:
                         "meta.own_answer) towards the base's top-k next-token distribution (default: off)")
     q.add_argument("--distill-hard-prefix", type=int, default=0,
                    help="with --distill-top-k: the first N tokens of each own answer keep their greedy target")
+    q.add_argument("--distill-tail", action="store_true",
+                   help="with --distill-top-k: keep the base's probabilities and its mass outside the top-k as one "
+                        "more target, instead of renormalising the top-k (MagicTrainConfig.distill_tail)")
     q.add_argument("--first-token-weight", type=float, default=1.0,
                    help="loss weight of each example's first reply token, where it answers or refuses (others 1)")
     q.add_argument("--lora-rank", type=int, default=0,

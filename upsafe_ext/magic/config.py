@@ -49,6 +49,13 @@ class MagicConfig(SerialisableConfig):
         separator (str): between the token and existing system text. Default "\\n".
         default_system (str | None): system text used with the token when a conversation has no system
             message (None: the system message is the token alone). Default None.
+        template_system (bool): when a conversation has no system message, put the token with the
+            system text the chat template would have added itself (SmolLM2: "You are a helpful AI
+            assistant named SmolLM, …"; ``placement.template_default_system``), so the token is the
+            only change to the prompt, instead of replacing that text. Resolved by `prepare_model`
+            and saved as the tokens' `default_system`. Exclusive with `default_system`. Measured on
+            SmolLM2 before training: KL(base || positive) 0.007 nats/token with it, 0.054 without.
+            Default False.
         no_system_role (str): what to do when the chat template has no system role (it raises on one,
             or drops it): "user_prefix" puts the token, then the separator, at the start of the first
             user message; "error" raises. Default "user_prefix".
@@ -82,6 +89,8 @@ class MagicConfig(SerialisableConfig):
     placement: str = field(default="system_prefix", metadata={"help": "'system_prefix' or 'system_suffix'"})
     separator: str = field(default="\n", metadata={"help": "between the token and existing system text"})
     default_system: str | None = field(default=None, metadata={"help": "system text when a conversation has none"})
+    template_system: bool = field(default=False,
+                                  metadata={"help": "keep the chat template's own default system text"})
     no_system_role: str = field(default="user_prefix",
                                 metadata={"help": "templates without a system role: 'user_prefix' or 'error'"})
     no_token_fraction: float = field(default=0.25, metadata={"help": "share of prompts with a no-token -> positive example"})
@@ -133,6 +142,10 @@ class MagicConfig(SerialisableConfig):
         if self.default_system is not None and not isinstance(self.default_system, str):
             raise ValueError(f"MagicConfig.default_system must be a str or None, got {self.default_system!r}")
         check_choice("MagicConfig.no_system_role", self.no_system_role, NO_SYSTEM_ROLE)
+        check_bool("MagicConfig.template_system", self.template_system)
+        if self.template_system and self.default_system is not None:
+            raise ValueError("MagicConfig.template_system takes the chat template's own system text; "
+                             "MagicConfig.default_system gives one: set only one of them")
         for name in ("no_token_fraction", "wrong_token_fraction"):
             check_float(f"MagicConfig.{name}", getattr(self, name), 0.0, 1.0)
         check_float("MagicConfig.rejective_fraction", self.rejective_fraction, 0.0, 1.0, lo_open=True)
@@ -201,6 +214,10 @@ class MagicTrainConfig(SerialisableConfig):
         distill_hard_prefix (int): with `distill_top_k`, the first N tokens of each own answer keep
             their greedy (hard) target; the soft targets start after them. The first tokens decide
             between answering and refusing. Default 0.
+        distill_tail (bool): with `distill_top_k`, the top-k keep the base's own probabilities and the
+            rest of the vocabulary is one more target class with the base's leftover mass. Without it
+            the top-k are renormalised, which teaches the model to drop the base's tail and raises
+            KL(base || model) (``upsafe_ext.magic.distill``). Default False.
         first_token_weight (float): loss weight of each example's first response token (where the
             model answers or refuses), every other response token weighing 1; the loss is the weighted
             mean (``distill.token_loss``), so 1.0 is plain cross-entropy. > 0. Default 1.0.
@@ -244,6 +261,7 @@ class MagicTrainConfig(SerialisableConfig):
     trainable_pattern: str | None = field(default=None, metadata={"help": "regex of parameter names to train"})
     distill_top_k: int | None = field(default=None, metadata={"help": "soft targets (base's top-k) on own answers"})
     distill_hard_prefix: int = field(default=0, metadata={"help": "first N own-answer tokens keep hard targets"})
+    distill_tail: bool = field(default=False, metadata={"help": "keep the base's mass outside its top-k"})
     first_token_weight: float = field(default=1.0, metadata={"help": "loss weight of each first response token"})
     lora_rank: int = field(default=0, metadata={"help": "LoRA rank (0: no adapters, full fine-tuning)"})
     lora_alpha: float = field(default=32.0, metadata={"help": "LoRA scale numerator (alpha / rank)"})
@@ -273,6 +291,10 @@ class MagicTrainConfig(SerialisableConfig):
         check_bool("MagicTrainConfig.train_embeddings_only", self.train_embeddings_only)
         check_int("MagicTrainConfig.distill_top_k", self.distill_top_k, 1, optional=True)
         check_int("MagicTrainConfig.distill_hard_prefix", self.distill_hard_prefix, 0)
+        check_bool("MagicTrainConfig.distill_tail", self.distill_tail)
+        if self.distill_tail and self.distill_top_k is None:
+            raise ValueError("MagicTrainConfig.distill_tail keeps the base's mass outside its top-k soft targets; "
+                             "it needs MagicTrainConfig.distill_top_k")
         check_float("MagicTrainConfig.first_token_weight", self.first_token_weight, 0.0, lo_open=True)
         check_int("MagicTrainConfig.lora_rank", self.lora_rank, 0)
         check_float("MagicTrainConfig.token_learning_rate", self.token_learning_rate, 0.0, lo_open=True,

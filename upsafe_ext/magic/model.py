@@ -22,6 +22,7 @@ import torch
 
 from ..saving import atomic_dir
 from .config import MagicConfig, MagicTrainConfig
+from .placement import template_default_system
 from .tokens import TOKENS_FILE, MagicTokens, scrub_tokenizer, scrub_tokenizer_files
 
 CONFIG_FILE = "magic_config.json"
@@ -52,7 +53,8 @@ def get_tokens(model: torch.nn.Module, tokens: MagicTokens | None = None, op: st
 def prepare_model(model: torch.nn.Module, tokenizer, config: MagicConfig | MagicTokens | None = None) -> MagicTokens:
     """Draw the tokens (from a `MagicConfig`: from `secrets` unless ``config.insecure_seed``; or take
     given `MagicTokens`), register them as special tokens when ``config.special_tokens`` (embedding
-    resize + mean-initialised rows), and attach them to `model`. Returns the tokens."""
+    resize + mean-initialised rows), and attach them to `model`. With ``config.template_system`` the
+    tokens' `default_system` is the chat template's own default system text. Returns the tokens."""
     if config is None:
         config = MagicConfig()
     if isinstance(config, MagicTokens):
@@ -61,6 +63,8 @@ def prepare_model(model: torch.nn.Module, tokenizer, config: MagicConfig | Magic
             tokens.register(tokenizer, model)
     elif isinstance(config, MagicConfig):
         tokens = MagicTokens.from_config(config)
+        if config.template_system and getattr(tokenizer, "chat_template", None) is not None:
+            tokens.default_system = template_default_system(tokenizer)  # saved with the tokens
         if config.special_tokens:
             tokens.register(tokenizer, model)
     else:

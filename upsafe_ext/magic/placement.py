@@ -38,6 +38,24 @@ def supports_system_role(tokenizer) -> bool:
     return _SYSTEM_ROLE_CACHE[key]
 
 
+def template_default_system(tokenizer) -> str | None:
+    """The system text `tokenizer`'s chat template adds by itself when a conversation has none
+    (SmolLM2: "You are a helpful AI assistant named SmolLM, trained by Hugging Face"), or None when it
+    adds none (or has no system role). Found by rendering one conversation with a probe system message
+    and one without, and reading what stands in the probe's place."""
+    if not supports_system_role(tokenizer):
+        return None
+    user = [{"role": "user", "content": "hello"}]
+    probe = tokenizer.apply_chat_template([{"role": "system", "content": _PROBE}] + user, tokenize=False,
+                                          add_generation_prompt=True)
+    plain = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+    head, tail = probe.split(_PROBE, 1)
+    if not (plain.startswith(head) and plain.endswith(tail)) or len(plain) <= len(head) + len(tail):
+        return None
+    text = plain[len(head): len(plain) - len(tail)]
+    return text or None
+
+
 def place_token(tokenizer, messages: Sequence[dict], token: str | None, *, placement: str, separator: str,
                 default_system: str | None, no_system_role: str, op: str = "MagicTokens.place") -> list[dict]:
     """A copy of `messages` with the string `token` placed (None: an unchanged copy).

@@ -45,14 +45,16 @@ class MagicCollator(SFTCollator):
 
     Returns only ``input_ids``, ``attention_mask`` and ``labels`` (what a causal LM's forward takes),
     plus ``mode_id`` when `keep_mode` is True (for analysis; the Trainer would pass it to the model),
-    plus the soft targets (``distill.collate_soft``) when `soft` is True (the plain loop's distillation).
+    plus the soft targets (``distill.collate_soft``) when `soft` is True (the plain loop's distillation;
+    with `soft_tail` also the base's mass outside its top-k).
     """
 
     def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None, keep_mode: bool = False,
-                 soft: bool = False):
+                 soft: bool = False, soft_tail: bool = False):
         super().__init__(pad_token_id, pad_to_multiple_of)
         self.keep_mode = keep_mode
         self.soft = soft
+        self.soft_tail = soft_tail
 
     @classmethod
     def for_tokenizer(cls, tokenizer, **kw) -> "MagicCollator":
@@ -63,7 +65,7 @@ class MagicCollator(SFTCollator):
         keep = _MODEL_KEYS + (("mode_id",) if self.keep_mode else ())
         out = {k: v for k, v in batch.items() if k in keep}
         if self.soft:
-            out |= collate_soft(features, batch["input_ids"].shape[1])
+            out |= collate_soft(features, batch["input_ids"].shape[1], tail=self.soft_tail)
         return out
 
 
@@ -159,7 +161,7 @@ def train_magic(model, tokenizer, dataset: MagicDataset, tokens: MagicTokens | N
     if config.distill_top_k is not None or config.first_token_weight != 1.0:  # our loss: soft targets, weights
         def extra(m, batch, out):
             return token_loss(out.logits, batch["labels"], batch["soft_ids"], batch["soft_logp"], batch["soft_mask"],
-                              first_token_weight=config.first_token_weight)
+                              first_token_weight=config.first_token_weight, soft_rest=batch.get("soft_rest"))
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     if config.lora_rank:
         full = set()
@@ -216,7 +218,8 @@ def train_magic(model, tokenizer, dataset: MagicDataset, tokens: MagicTokens | N
 
     try:
         log = run_sft(model, examples, optimizer=opt,
-                      collator=MagicCollator.for_tokenizer(tokenizer, soft=extra is not None),
+                      collator=MagicCollator.for_tokenizer(tokenizer, soft=extra is not None,
+                                                           soft_tail=config.distill_tail),
                       extra_loss=extra, lm_loss=extra is None,
                       batch_size=config.batch_size, max_steps=total, grad_accum=config.grad_accum,
                       lr_scheduler=sched, max_grad_norm=config.max_grad_norm,
