@@ -2,6 +2,8 @@
 
     python benchmarks/bench_magic_protocol.py --split val     # choices (lr, epochs): read val only
     python benchmarks/bench_magic_protocol.py --split test    # the reported numbers: test read once
+    python benchmarks/bench_magic_protocol.py --split test --eval-only OUT/model --epochs 2 ...  # the same, on a
+                                                              # val run's saved model (same flags; no training)
 
 Training prompts: `eval.protocol.training_mix` (AdvBench + rho harmful, both styles; ShareGPT + rho
 benign, both styles; train-template rewrites on both sides). Targets without a hub model
@@ -99,11 +101,16 @@ def main(argv=None) -> int:
     ap.add_argument("--token-lr", type=float, default=None, help="MagicTrainConfig.token_learning_rate")
     ap.add_argument("--resume", default=None, help="continue from this saved model (a run's OUT/model)")
     ap.add_argument("--first-epoch", type=int, default=1, help="with --resume: the epoch it starts at")
+    ap.add_argument("--eval-only", default=None,
+                    help="evaluate this saved model (a run's OUT/model, trained for --epochs) on --split without "
+                         "training: a val choice read on test once (a run's training does not depend on --split)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     args = ap.parse_args(argv)
     if (args.resume is None) != (args.first_epoch == 1):
         ap.error("--resume DIR and --first-epoch N (> 1) go together")
+    if args.eval_only and args.resume:
+        ap.error("--eval-only DIR evaluates a saved model; it does not train, so it takes no --resume")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     os.makedirs(args.out, exist_ok=True)
@@ -122,11 +129,44 @@ def main(argv=None) -> int:
     kl_answers = generate_chat(base, tok, [chat(p) for p in kl_prompts], max_new_tokens=args.answer_tokens,
                                batch_size=32, progress=False)
 
+    def report(model, tok, tokens, ep, extra: dict) -> None:
+        """Margin, KL and every mode on `--split` for the model as it is after epoch `ep`; writes the
+        json (all epochs so far) and the markdown (this epoch)."""
+        after = safety_alignment_margin(model, tok, margin_prompts, tokens=tokens, progress=False,
+                                        plot=os.path.join(args.out, f"magic_margin_{args.split}_after_ep{ep}.png"))
+        kl = mean_kl(model, base, tok, render(tok, tokens, "positive")(kl_prompts), kl_answers, progress=False,
+                     reference_conversations=[chat(p) for p in kl_prompts])
+        print(f"epoch {ep}: margin {after.margin:.3f}, KL {kl:.4f}", flush=True)
+        rows = evaluate(model, tok, tokens, sets, args)
+        result["epochs"].append({"epoch": ep, **extra, "margin": after.to_dict(), "kl_positive_vs_base": kl,
+                                 "rows": {k: [{x: r[x] for x in r if x != "replies"} for r in v]
+                                          for k, v in rows.items()},
+                                 "replies": {k: [r["replies"] for r in v] for k, v in rows.items()}})
+        md = format_sets_table({k: v for k, v in rows.items()})
+        with open(os.path.join(args.out, f"magic_protocol_{args.split}.md"), "w") as f:
+            f.write(f"# Magic co-training, SmolLM2-135M-Instruct (Q4_1 GGUF dequantised), {args.split} split, "
+                    f"epoch {ep}\n\nmargin {before.margin:.3f} -> {after.margin:.3f} (n={len(margin_prompts)} "
+                    f"held-out prompts); KL(base || positive) {kl:.4f} nats/token (n={len(kl_prompts)})\n\n"
+                    f"{md}\n")
+        with open(os.path.join(args.out, f"magic_protocol_{args.split}.json"), "w") as f:
+            json.dump(result, f, indent=1)
+
+    mcfg = MagicConfig(special_tokens=args.special_tokens, rejective_fraction=args.rejective_fraction,
+                       template_system=args.template_system, insecure_seed=1234)
+    if args.eval_only:  # the untrained baseline (fresh tokens), then the saved model
+        before = safety_alignment_margin(model, tok, margin_prompts, tokens=prepare_model(model, tok, mcfg),
+                                         progress=False,
+                                         plot=os.path.join(args.out, f"magic_margin_{args.split}_before.png"))
+        result = {"args": vars(args), "env": environment("cpu"), "margin_before": before.to_dict(), "epochs": []}
+        model, tok, tokens = load_magic_model(args.eval_only, allow_negative=True)
+        print(f"margin before: {before.margin:.3f}; evaluating {args.eval_only} (trained for {args.epochs} epochs)",
+              flush=True)
+        report(model, tok, tokens, args.epochs, {"model": os.path.abspath(args.eval_only)})
+        print(f"total {time.time() - t0:.0f} s", flush=True)
+        return 0
     records = self_distilled_records(model, tok, h_tr, b_tr, max_new_tokens=args.answer_tokens, batch_size=32,
                                      progress=False)
     t_data = time.time() - t0
-    mcfg = MagicConfig(special_tokens=args.special_tokens, rejective_fraction=args.rejective_fraction,
-                       template_system=args.template_system, insecure_seed=1234)
     tokens = prepare_model(model, tok, mcfg)
     before = safety_alignment_margin(model, tok, margin_prompts, tokens=tokens, progress=False,
                                      plot=os.path.join(args.out, f"magic_margin_{args.split}_before.png"))
@@ -154,25 +194,7 @@ def main(argv=None) -> int:
               f"train {train_s:.0f} s", flush=True)
         saved = save_magic_model(model, tok, tokens, os.path.join(args.out, "model"), config=mcfg, train_config=cfg)
         print(f"epoch {ep}: model saved to {saved} (evaluated next)", flush=True)  # kept if the evaluation fails
-        after = safety_alignment_margin(model, tok, margin_prompts, tokens=tokens, progress=False,
-                                        plot=os.path.join(args.out, f"magic_margin_{args.split}_after_ep{ep}.png"))
-        kl = mean_kl(model, base, tok, render(tok, tokens, "positive")(kl_prompts), kl_answers, progress=False,
-                     reference_conversations=[chat(p) for p in kl_prompts])
-        print(f"epoch {ep}: margin {after.margin:.3f}, KL {kl:.4f}", flush=True)
-        rows = evaluate(model, tok, tokens, sets, args)
-        result["epochs"].append({"epoch": ep, "steps": len(log), "loss_last": log[-1]["loss"], "train_s": train_s,
-                                 "margin": after.to_dict(), "kl_positive_vs_base": kl,
-                                 "rows": {k: [{x: r[x] for x in r if x != "replies"} for r in v]
-                                          for k, v in rows.items()},
-                                 "replies": {k: [r["replies"] for r in v] for k, v in rows.items()}})
-        md = format_sets_table({k: v for k, v in rows.items()})
-        with open(os.path.join(args.out, f"magic_protocol_{args.split}.md"), "w") as f:
-            f.write(f"# Magic co-training, SmolLM2-135M-Instruct (Q4_1 GGUF dequantised), {args.split} split, "
-                    f"epoch {ep}\n\nmargin {before.margin:.3f} -> {after.margin:.3f} (n={len(margin_prompts)} "
-                    f"held-out prompts); KL(base || positive) {kl:.4f} nats/token (n={len(kl_prompts)})\n\n"
-                    f"{md}\n")
-        with open(os.path.join(args.out, f"magic_protocol_{args.split}.json"), "w") as f:
-            json.dump(result, f, indent=1)
+        report(model, tok, tokens, ep, {"steps": len(log), "loss_last": log[-1]["loss"], "train_s": train_s})
     print(f"total {time.time() - t0:.0f} s", flush=True)
     return 0
 
