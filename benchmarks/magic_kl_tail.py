@@ -26,6 +26,7 @@ from bench_magic_protocol import render  # noqa: E402
 from common import environment  # noqa: E402
 
 from upsafe_ext.eval.generation import chat, generate_chat  # noqa: E402
+from upsafe_ext.eval.metrics import token_kl  # noqa: E402
 from upsafe_ext.eval.protocol import protocol_sets, training_mix  # noqa: E402
 from upsafe_ext.eval.real_model import load_smollm2  # noqa: E402
 from upsafe_ext.magic import MagicConfig, load_magic_model, prepare_model  # noqa: E402
@@ -69,10 +70,11 @@ def main(argv=None) -> int:
     first = []
     for conv, p, a in zip(render(tok, tokens, "positive")(prompts), prompts, answers):
         lb = response_logp(base, tok0, chat(p), a)
-        lm = response_logp(model, tok, conv, a)[:, : lb.shape[-1]]  # the base's ids (new tokens' mass: lost)
+        lm_all = response_logp(model, tok, conv, a)
+        lm = lm_all[:, : lb.shape[-1]]  # the base's ids (the mass on added tokens counts as lost, as in token_kl)
         pb = lb.exp()
         top = torch.zeros_like(lb, dtype=torch.bool).scatter_(-1, lb.topk(args.top_k, -1).indices, True)
-        kl = (pb * (lb - lm)).sum(-1)
+        kl = token_kl(lb, lm_all)  # the same KL as mean_kl; its parts below
         parts["kl"].append(kl)
         parts["kl_top"].append((pb * (lb - lm) * top).sum(-1))
         parts["tail_base"].append((pb * ~top).sum(-1))

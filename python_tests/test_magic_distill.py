@@ -103,14 +103,20 @@ def test_hard_prefix_keeps_the_first_answer_tokens_hard():
         MagicTrainConfig(distill_top_k=4, distill_hard_prefix=-2)
 
 
-def test_token_loss_matches_a_direct_computation():
-    torch.manual_seed(1)
+def two_rows(seed: int):
+    """Logits [2, 7, 11] and labels for two examples: row 0 with 4 response tokens at 3..6, row 1 with 4
+    at 2..5 (the row the tests give soft targets); the features `collate_soft` reads, and T, V, k."""
+    torch.manual_seed(seed)
     B, T, V, k = 2, 7, 11, 4
     logits = torch.randn(B, T, V)
     labels = torch.full((B, T), IGNORE_INDEX)
     labels[0, 3:] = torch.randint(0, V, (4,))
     labels[1, 2:6] = torch.randint(0, V, (4,))
-    feats = [{"labels": labels[b].tolist()} for b in range(B)]
+    return logits, labels, [{"labels": labels[b].tolist()} for b in range(B)], T, V, k
+
+
+def test_token_loss_matches_a_direct_computation():
+    logits, labels, feats, T, V, k = two_rows(1)
     feats[1]["soft_ids"] = torch.randint(0, V, (4, k), dtype=torch.int32)
     feats[1]["soft_logp"] = torch.randn(4, k)
     soft = collate_soft(feats, T)
@@ -128,13 +134,7 @@ def test_token_loss_matches_a_direct_computation():
 def test_token_loss_with_the_tail_matches_a_direct_computation():
     """collate_soft(tail=True) + token_loss(soft_rest=): the teacher's own top-k probabilities (not
     renormalised) plus one class for the rest of the vocabulary, with the teacher's leftover mass."""
-    torch.manual_seed(3)
-    B, T, V, k = 2, 7, 11, 4
-    logits = torch.randn(B, T, V)
-    labels = torch.full((B, T), IGNORE_INDEX)
-    labels[0, 3:] = torch.randint(0, V, (4,))
-    labels[1, 2:6] = torch.randint(0, V, (4,))
-    feats = [{"labels": labels[b].tolist()} for b in range(B)]
+    logits, labels, feats, T, V, k = two_rows(3)
     top = torch.log_softmax(2 * torch.randn(4, V), -1).topk(k, -1)  # a teacher's top-k of its full distribution
     feats[1]["soft_ids"], feats[1]["soft_logp"] = top.indices.to(torch.int32), top.values
     soft = collate_soft(feats, T, tail=True)
