@@ -68,7 +68,7 @@ def render(tok, tokens, row: str, rng_seed: int = 1):
 
 def evaluate(model, tok, tokens, sets, args) -> dict:
     out = {}
-    for row in ROWS:
+    for row in args.rows:
         rows = evaluate_sets(model, tok, sets, conversations=render(tok, tokens, row),
                              max_new_tokens=args.eval_tokens, batch_size=32, progress=False)
         out[row] = rows
@@ -104,6 +104,9 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-only", default=None,
                     help="evaluate this saved model (a run's OUT/model, trained for --epochs) on --split without "
                          "training: a val choice read on test once (a run's training does not depend on --split)")
+    ap.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS), metavar="ROW",
+                    help=f"evaluation rows (default all: {', '.join(ROWS)}); e.g. `--rows positive` with a larger "
+                         "--n-eval to compare saved models on val where n=24 saturates")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     args = ap.parse_args(argv)
