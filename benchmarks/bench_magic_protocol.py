@@ -4,6 +4,8 @@
     python benchmarks/bench_magic_protocol.py --split test    # the reported numbers: test read once
     python benchmarks/bench_magic_protocol.py --split test --eval-only OUT/model --epochs 2 ...  # the same, on a
                                                               # val run's saved model (same flags; no training)
+    python benchmarks/bench_magic_protocol.py --split val --eval-only OUT/model --n-eval 80 --rows positive \
+        --out OUT2 ...                                        # every kept val prompt, one row (n=24 saturates)
 
 Training prompts: `eval.protocol.training_mix` (AdvBench + rho harmful, both styles; ShareGPT + rho
 benign, both styles; train-template rewrites on both sides). Targets without a hub model
@@ -68,7 +70,7 @@ def render(tok, tokens, row: str, rng_seed: int = 1):
 
 def evaluate(model, tok, tokens, sets, args) -> dict:
     out = {}
-    for row in args.rows:
+    for row in dict.fromkeys(args.rows):  # in ROWS order as given, each once
         rows = evaluate_sets(model, tok, sets, conversations=render(tok, tokens, row),
                              max_new_tokens=args.eval_tokens, batch_size=32, progress=False)
         out[row] = rows
@@ -114,6 +116,9 @@ def main(argv=None) -> int:
         ap.error("--resume DIR and --first-epoch N (> 1) go together")
     if args.eval_only and args.resume:
         ap.error("--eval-only DIR evaluates a saved model; it does not train, so it takes no --resume")
+    if args.eval_only and os.path.abspath(args.out) == os.path.dirname(os.path.abspath(args.eval_only)):
+        ap.error(f"--out {args.out!r} is the folder of the run that saved --eval-only {args.eval_only!r}: its "
+                 "records would be overwritten; give --eval-only its own --out")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     os.makedirs(args.out, exist_ok=True)
