@@ -70,7 +70,7 @@ def render(tok, tokens, row: str, rng_seed: int = 1):
 
 def evaluate(model, tok, tokens, sets, args) -> dict:
     out = {}
-    for row in dict.fromkeys(args.rows):  # in ROWS order as given, each once
+    for row in dict.fromkeys(args.rows):  # in the order given, each once
         rows = evaluate_sets(model, tok, sets, conversations=render(tok, tokens, row),
                              max_new_tokens=args.eval_tokens, batch_size=32, progress=False)
         out[row] = rows

@@ -6,8 +6,8 @@
 From a `bench_magic_protocol.py` record (its last epoch), take the harmful-set replies of one row
 (default positive) that the keyword judge did not count as refusals and whose opening holds
 `--contains` (lower case, first 40 characters); regenerate them with the saved model, greedy, at
-`--tokens` new tokens, and judge them again (`eval.judge.is_refusal`). Writes every prompt with both
-replies and both verdicts, so they can be read.
+`--tokens` new tokens, and judge them again (`eval.judge.is_refusal`, the protocol's judge). Writes
+every prompt with both replies and the longer reply's verdict, so they can be read.
 """
 from __future__ import annotations
 
