@@ -13,6 +13,9 @@ from typing import Callable
 
 import torch
 
+# the layers `upsafe demo`'s scan picks on SmolLM2 with the default training mix (README, UpSafe°C)
+SMOLLM2_DEMO_LAYERS = (16, 17, 21, 22, 25, 26, 27, 28)
+
 
 def device_name(device: str) -> str:
     if device == "cuda":

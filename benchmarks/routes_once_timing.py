@@ -17,19 +17,21 @@ import argparse
 import json
 import os
 import platform
+import sys
 import time
 
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
 
+from common import SMOLLM2_DEMO_LAYERS as DEMO_LAYERS  # noqa: E402
 from upsafe_ext.eval.protocol import protocol_sets  # noqa: E402
 from upsafe_ext.models import load  # noqa: E402
 from upsafe_ext.upcycle import UpcycleConfig, upcycle_  # noqa: E402
 from upsafe_ext.upcycle.pipeline import SWEEP_SETS, DemoConfig  # noqa: E402
 from upsafe_ext.upcycle.sequence import prompt_scores  # noqa: E402
 
-DEMO_LAYERS = (16, 17, 21, 22, 25, 26, 27, 28)  # the default demo's scan
 
 
 def main(argv=None) -> int:
