@@ -12,8 +12,8 @@ base model almost none at τ=0 (``sequence_routing_val.md``), so on the harmful 
 safety to within the base model's own refusals.
 
 Operating point: the threshold that routes at most 2% (and 3%) of *each* style of the whole ShareGPT val
-slice (417 imperatives, 388 questions; the base model alone refuses 0.017 / 0.031 of it, so 2% routed keeps
-over-refusal under the 0.05 target). At it, the pooled routed share of the five unseen HarmBench val forms
+slice (417 imperatives, 388 questions; the base model alone refuses 0.017 / 0.031 of it, so about 2% routed is
+what the 0.05 over-refusal target leaves). At it, the pooled routed share of the five unseen HarmBench val forms
 (imperatives, questions, past tense, role-play, suffix; n = 5 x 41) and the share of the edgy probes.
 The threshold is set on the prompts it is read on: compare fits with it, do not report it as a score.
 
