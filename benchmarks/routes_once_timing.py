@@ -33,7 +33,6 @@ from upsafe_ext.upcycle.pipeline import SWEEP_SETS, DemoConfig  # noqa: E402
 from upsafe_ext.upcycle.sequence import prompt_scores  # noqa: E402
 
 
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--reps", type=int, default=3)

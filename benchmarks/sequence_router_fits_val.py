@@ -40,6 +40,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 from common import SMOLLM2_DEMO_LAYERS as DEMO_LAYERS  # noqa: E402
+from sequence_routing_val import HARMFUL  # noqa: E402  (the five unseen HarmBench val forms of its rule)
 from upsafe_ext.eval.prompts import sharegpt_prompts  # noqa: E402
 from upsafe_ext.eval.protocol import protocol_sets, training_mix  # noqa: E402
 from upsafe_ext.eval.rephrase import FORMS, rephrase  # noqa: E402
@@ -48,7 +49,6 @@ from upsafe_ext.upcycle import UpcycleConfig, upcycle_  # noqa: E402
 from upsafe_ext.upcycle.scan import fit_probe_params  # noqa: E402
 from upsafe_ext.upcycle.sequence import prompt_router_inputs, scores_from_inputs, set_sequence_routers  # noqa: E402
 
-HARMFUL = ("harmful imperative", "harmful question", "harmful past tense", "harmful role-play", "harmful suffix")
 ROUTED = (0.02, 0.03)  # the largest share of each ShareGPT val style routed at the operating points
 # (method, harmful, benign, augment, L2); augment "mix" = training_mix's own, "all" = every train form added
 FITS = [("logistic", 256, 256, "mix", l2) for l2 in (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 30.0)] + [
