@@ -16,7 +16,10 @@ every request). Here the same MLP inputs are read at every one of the 30 layers,
 
 Each combination of read-outs and layers is one logistic fit (``scan.fit_probe_params``, L2 on standardised
 features) on the demo's training mix, read at the threshold that routes at most 2% (3%) of each style of the
-whole ShareGPT val slice. Writes benchmarks/val/router_readouts_val.{json,md}.
+whole ShareGPT val slice. Three rows try other fits of the package's read-outs instead (``NONLINEAR``): an
+ensemble of 5 one-hidden-layer MLPs (64 GELU units, input dropout 0.5, AdamW weight decay 0.01, 200 full-batch
+steps), the mean of one logistic fit per layer, and a logistic fit on the top 32 principal components.
+Writes benchmarks/val/router_readouts_val.{json,md}.
 
 ``--frame TEXT`` (a ``{prompt}`` placeholder in it) reads the base model over the request wrapped in that text
 instead (e.g. a question whether the request is harmful), for every prompt alike; the records get ``_frame``.
@@ -57,6 +60,38 @@ FITS = [("package (last + mean)", ("last", "mean"), None, 0.3),
         ("last + user max, L2 1", ("last", "user_max"), None, 1.0),
         ("last + user max, L2 3", ("last", "user_max"), None, 3.0),
         ("last + mean + user max, L2 1", ("last", "mean", "user_max"), None, 1.0)]
+NONLINEAR = [("package read-outs, MLP x5", "mlp"), ("package read-outs, mean of per-layer fits", "per-layer"),
+             ("package read-outs, 32 principal components", "pca")]
+
+
+def scorer(kind: str, x: torch.Tensor, y: torch.Tensor, l2: float, n_layers: int):
+    """A function features -> log-odds of "harmful", fitted on (x, y)."""
+    if kind == "logistic":
+        w, b = fit_probe_params(x, y, l2=l2)
+        return lambda z: (z @ w + b).double()
+    if kind == "per-layer":
+        h = x.shape[1] // n_layers
+        fits = [fit_probe_params(x[:, i * h:(i + 1) * h], y, l2=l2) for i in range(n_layers)]
+        return lambda z: torch.stack([z[:, i * h:(i + 1) * h] @ w + b
+                                      for i, (w, b) in enumerate(fits)]).mean(0).double()
+    mu, sd = x.mean(0), x.std(0).clamp_min(1e-6)
+    zs = (x - mu) / sd
+    if kind == "pca":
+        comps = torch.pca_lowrank(zs, q=64, niter=4)[2][:, :32]
+        w, b = fit_probe_params(zs @ comps, y, l2=0.01)
+        return lambda z: ((((z - mu) / sd) @ comps) @ w + b).double()
+    nets = []
+    for seed in range(5):
+        torch.manual_seed(seed)
+        net = torch.nn.Sequential(torch.nn.Dropout(0.5), torch.nn.Linear(zs.shape[1], 64), torch.nn.GELU(),
+                                  torch.nn.Linear(64, 1))
+        opt = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=0.01)
+        for _ in range(200):
+            opt.zero_grad()
+            torch.nn.functional.binary_cross_entropy_with_logits(net(zs).squeeze(-1), y).backward()
+            opt.step()
+        nets.append(net.eval())
+    return lambda z: torch.stack([n(((z - mu) / sd)).squeeze(-1) for n in nets]).mean(0).detach().double()
 
 
 def template_span(tok) -> tuple[int, int]:
@@ -137,14 +172,17 @@ def main(argv=None) -> int:
     tag = "_frame" if args.frame else ""
     print(f"read-outs: {time.time() - t0:.0f} s (template span {d['span']})", flush=True)
     rows = []
-    for name, names, layers, l2 in FITS:
+    torch.manual_seed(0)  # pca_lowrank's random start
+    for name, names, layers, l2, kind in [(*f, "logistic") for f in FITS] + [
+            (n, ("last", "mean"), None, 0.3, k) for n, k in NONLINEAR]:
         layers = layers or DEMO_LAYERS
         xh, xb = (select(x, names, layers) for x in d["mix"])
-        w, b = fit_probe_params(torch.cat([xh, xb]), torch.tensor([1.0] * len(xh) + [0.0] * len(xb)), l2=l2)
+        score = scorer(kind, torch.cat([xh, xb]), torch.tensor([1.0] * len(xh) + [0.0] * len(xb)), l2, len(layers))
         view = {"sets": {k: select(x, names, layers) for k, x in d["sets"].items()},
                 "sharegpt": {k: select(x, names, layers) for k, x in d["sharegpt"].items()}}
-        points = operating_points(lambda z: (z @ w + b).double(), view)
-        rows.append({"fit": name, "readouts": list(names), "layers": list(layers), "l2": l2, "points": points})
+        points = operating_points(score, view)
+        rows.append({"fit": name, "kind": kind, "readouts": list(names), "layers": list(layers), "l2": l2,
+                     "points": points})
         print(f"{name}: " + ", ".join(f"ShareGPT<={p['sharegpt_routed_max']:.2f} pooled {p['pooled_harmful']:.3f} "
                                       f"edgy {p['routed']['edgy benign']:.2f}" for p in points), flush=True)
     result = {"mix": list(MIX), "span": list(d["span"]), "frame": args.frame, "rows": rows,
@@ -158,7 +196,8 @@ def main(argv=None) -> int:
              "|" + "---|" * (len(cols) + 4)]
     for r in rows:
         for p in r["points"]:
-            lines.append(f"| {r['fit']} | {r['l2']} | {p['sharegpt_routed_max']:.2f} | **{p['pooled_harmful']:.3f}** | "
+            l2 = r["l2"] if r["kind"] in ("logistic", "per-layer") else "-"
+            lines.append(f"| {r['fit']} | {l2} | {p['sharegpt_routed_max']:.2f} | **{p['pooled_harmful']:.3f}** | "
                          + " | ".join(f"{p['routed'][c]:.2f}" for c in cols) + " |")
     n = rows[0]["points"][0]["n"]
     with open(os.path.join(args.out, f"router_readouts_val{tag}.md"), "w") as fh:
