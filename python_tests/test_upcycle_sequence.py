@@ -333,3 +333,19 @@ def test_cli_upcycle_train_eval_with_routing_per_sequence(tmp_path, capsys):
     assert cli.main(["eval", "--model", str(trained), "--split", "val", "--n-harmful", "2", "--n-benign", "2",
                      "--kl-prompts", "2", "--max-new-tokens", "2"]) == 0
     assert "τ=0.5" in capsys.readouterr().out  # no --tau: the saved default (UpcycleConfig's 0.5 here)
+
+
+def test_cli_eval_set_sizes_take_all_or_a_positive_count(capsys):
+    """`upsafe eval` / `sweep-temperature` read every prompt of each set unless told a count; a count below 1
+    or a word other than 'all' is refused with an error naming the argument."""
+    from upsafe_ext import cli
+
+    parser = cli.build_parser()
+    a = parser.parse_args(["eval", "--model", "tiny"])
+    assert (a.n_harmful, a.n_benign) == (None, None)  # None: protocol_sets keeps every prompt
+    a = parser.parse_args(["sweep-temperature", "--model", "tiny", "--n-harmful", "ALL", "--n-benign", "12"])
+    assert (a.n_harmful, a.n_benign) == (None, 12)
+    for bad in ("0", "-3", "some"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["eval", "--model", "tiny", "--n-benign", bad])
+        assert "argument --n-benign: expected a positive number of prompts or 'all'" in capsys.readouterr().err

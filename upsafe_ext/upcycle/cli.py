@@ -16,6 +16,21 @@ def load_model(spec: str):
     return load(spec)
 
 
+def count_or_all(text: str) -> int | None:
+    """argparse type: a positive number of prompts, or "all" (None: every prompt of the set)."""
+    import argparse
+
+    if text.strip().lower() == "all":
+        return None
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive number of prompts or 'all', got {text!r}")
+    return n
+
+
 def _splits(n_harm, n_ben):
     """Training prompts (the style-balanced mix of eval.protocol) for scan / train."""
     from ..eval.protocol import training_mix
@@ -177,8 +192,10 @@ def register(sub) -> set[str]:
         p = common(sub.add_parser(name, help=f"UpSafe°C: {helptext}"))
         p.add_argument("--split", choices=["val", "test"], default="test",
                        help="choose settings on val; read test once per reported number")
-        p.add_argument("--n-harmful", type=int, default=48, help="prompts per harmful set")
-        p.add_argument("--n-benign", type=int, default=64, help="prompts per benign set")
+        p.add_argument("--n-harmful", type=count_or_all, default=None,
+                       help="prompts per harmful set, or 'all' (default: all)")
+        p.add_argument("--n-benign", type=count_or_all, default=None,
+                       help="prompts per benign set, or 'all' (default: all)")
         p.add_argument("--kl-prompts", type=int, default=64, help="benign prompts for the KL to base")
         p.add_argument("--max-new-tokens", type=int, default=32)
         if name == "eval":

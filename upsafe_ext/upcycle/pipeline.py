@@ -65,8 +65,10 @@ class DemoConfig(SerialisableConfig):
     sup_tokens: int | None = field(default=4, metadata={"help": "router supervised on the header + this many "
                                                                  "response tokens (None = all); chosen on val"})
     batch_size: int = 8
-    eval_harmful: int | None = field(default=48, metadata={"help": "prompts per harmful set at the default τ"})
-    eval_benign: int | None = field(default=64, metadata={"help": "prompts per benign set at the default τ"})
+    eval_harmful: int | None = field(default=None, metadata={"help": "prompts per harmful set at the default τ "
+                                                                     "(None: every prompt of the set)"})
+    eval_benign: int | None = field(default=None, metadata={"help": "prompts per benign set at the default τ "
+                                                                    "(None: every prompt of the set)"})
     eval_base: int = field(default=16, metadata={"help": "prompts per set for the base model's column"})
     sweep_prompts: int = field(default=16, metadata={"help": "prompts per set in the τ sweep"})
     max_new_tokens: int = 32
