@@ -152,6 +152,37 @@ def select(x: torch.Tensor, names, layers) -> torch.Tensor:
     return x[:, list(layers)][:, :, idx].float().reshape(len(x), -1)
 
 
+COLS = ("harmful imperative", "harmful question", "harmful past tense", "harmful role-play", "harmful suffix",
+        "edgy benign", "prompt injection")
+
+
+def progress_line(name: str, points: list[dict]) -> str:
+    return f"{name}: " + ", ".join(f"ShareGPT<={p['sharegpt_routed_max']:.2f} pooled {p['pooled_harmful']:.3f} "
+                                   f"edgy {p['routed']['edgy benign']:.2f}" for p in points)
+
+
+def write_records(out_dir: str, stem: str, result: dict, lead: list[tuple[str, str]], heading: str,
+                  note: str = "") -> None:
+    """``stem``.json (`result`) and ``stem``.md: a row per fit and operating point; `lead` = the first columns,
+    (header, key of the row)."""
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, f"{stem}.json"), "w") as fh:
+        json.dump(result, fh, indent=1)
+    lines = ["| " + " | ".join(h for h, _ in lead) + " | ShareGPT routed ≤ | pooled 5 HarmBench forms | "
+             + " | ".join(COLS) + " |", "|" + "---|" * (len(COLS) + len(lead) + 2)]
+    for r in result["rows"]:
+        for p in r["points"]:
+            lines.append("| " + " | ".join(str(r[k]) for _, k in lead) + f" | {p['sharegpt_routed_max']:.2f} | "
+                         f"**{p['pooled_harmful']:.3f}** | " + " | ".join(f"{p['routed'][c]:.2f}" for c in COLS) + " |")
+    n = result["rows"][0]["points"][0]["n"]
+    with open(os.path.join(out_dir, f"{stem}.md"), "w") as fh:
+        fh.write(f"# {heading}\n\n" + (f"{note}\n\n" if note else "")
+                 + f"Threshold per row: at most 2% / 3% of each style of the whole ShareGPT val slice routed; "
+                 f"HarmBench forms n={n['harmful imperative']} each, edgy n={n['edgy benign']}. Set on the prompts "
+                 f"it is read on: a comparison of fits, not a score. {result['seconds']} s.\n\n"
+                 + "\n".join(lines) + "\n")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--cache", default=None, help="a .pt file keeping the read-outs between runs")
@@ -159,13 +190,13 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--frame", default=None, help="wrap each request in this text ({prompt} = the request)")
     args = ap.parse_args(argv)
+    if args.frame is not None and "{prompt}" not in args.frame:
+        ap.error("--frame must contain {prompt}")
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.time()
     model, tok = load("smollm2")
     model.eval()
-    if args.frame is not None and "{prompt}" not in args.frame:
-        ap.error("--frame must contain {prompt}")
     d = features(model, tok, args.cache, args.frame)
     if d.get("frame") != args.frame:
         ap.error(f"--cache {args.cache} holds read-outs with frame {d.get('frame')!r}, not {args.frame!r}")
@@ -183,31 +214,15 @@ def main(argv=None) -> int:
         points = operating_points(score, view)
         rows.append({"fit": name, "kind": kind, "readouts": list(names), "layers": list(layers), "l2": l2,
                      "points": points})
-        print(f"{name}: " + ", ".join(f"ShareGPT<={p['sharegpt_routed_max']:.2f} pooled {p['pooled_harmful']:.3f} "
-                                      f"edgy {p['routed']['edgy benign']:.2f}" for p in points), flush=True)
+        print(progress_line(name, points), flush=True)
     result = {"mix": list(MIX), "span": list(d["span"]), "frame": args.frame, "rows": rows,
               "seconds": round(time.time() - t0, 1)}
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, f"router_readouts_val{tag}.json"), "w") as fh:
-        json.dump(result, fh, indent=1)
-    cols = ["harmful imperative", "harmful question", "harmful past tense", "harmful role-play", "harmful suffix",
-            "edgy benign", "prompt injection"]
-    lines = ["| read-outs (layers) | L2 | ShareGPT routed ≤ | pooled 5 HarmBench forms | " + " | ".join(cols) + " |",
-             "|" + "---|" * (len(cols) + 4)]
     for r in rows:
-        for p in r["points"]:
-            l2 = r["l2"] if r["kind"] in ("logistic", "per-layer") else "-"
-            lines.append(f"| {r['fit']} | {l2} | {p['sharegpt_routed_max']:.2f} | **{p['pooled_harmful']:.3f}** | "
-                         + " | ".join(f"{p['routed'][c]:.2f}" for c in cols) + " |")
-    n = rows[0]["points"][0]["n"]
-    with open(os.path.join(args.out, f"router_readouts_val{tag}.md"), "w") as fh:
-        fh.write(f"# Sequence-router read-outs on val, routed share (route-only; fit on {MIX[0]} + {MIX[1]} "
-                 f"training-mix prompts; demo layers {list(DEMO_LAYERS)} unless named)\n\n"
-                 + (f"Every request read inside the frame {args.frame!r}.\n\n" if args.frame else "")
-                 + f"Threshold per row: at most 2% / 3% of each style of the whole ShareGPT val slice routed; "
-                 f"HarmBench forms n={n['harmful imperative']} each, edgy n={n['edgy benign']}. Set on the prompts "
-                 f"it is read on: a comparison of fits, not a score. {result['seconds']} s.\n\n"
-                 + "\n".join(lines) + "\n")
+        r["l2_shown"] = r["l2"] if r["kind"] in ("logistic", "per-layer") else "-"
+    write_records(args.out, f"router_readouts_val{tag}", result, [("read-outs (layers)", "fit"), ("L2", "l2_shown")],
+                  f"Sequence-router read-outs on val, routed share (route-only; fit on {MIX[0]} + {MIX[1]} "
+                  f"training-mix prompts; demo layers {list(DEMO_LAYERS)} unless named)",
+                  f"Every request read inside the frame {args.frame!r}." if args.frame else "")
     print(f"done in {time.time() - t0:.0f} s")
     return 0
 

@@ -17,7 +17,6 @@ as in ``router_readouts_val.py``. Writes benchmarks/val/router_reply_readouts_va
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -28,13 +27,12 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 from common import SMOLLM2_DEMO_LAYERS as DEMO_LAYERS  # noqa: E402
-from router_readouts_val import MIX  # noqa: E402
+from router_readouts_val import MIX, progress_line, scorer, write_records  # noqa: E402
 from sequence_router_fits_val import operating_points  # noqa: E402
 from upsafe_ext.eval.prompts import sharegpt_prompts  # noqa: E402
 from upsafe_ext.eval.protocol import protocol_sets, training_mix  # noqa: E402
 from upsafe_ext.models import load  # noqa: E402
 from upsafe_ext.train.chat import chat, encode_prompts, eos_token_ids, left_pad, pad_token_id  # noqa: E402
-from upsafe_ext.upcycle.scan import fit_probe_params  # noqa: E402
 
 KS = (0, 2, 4, 8, 16)
 READ = ("last", "mean", "reply")
@@ -126,33 +124,16 @@ def main(argv=None) -> int:
     rows = []
     for name, picks in FITS:
         xh, xb = (select(x, picks) for x in d["mix"])
-        w, b = fit_probe_params(torch.cat([xh, xb]), torch.tensor([1.0] * len(xh) + [0.0] * len(xb)), l2=args.l2)
+        score = scorer("logistic", torch.cat([xh, xb]), torch.tensor([1.0] * len(xh) + [0.0] * len(xb)), args.l2, 1)
         view = {g: {k: select(x, picks) for k, x in d[g].items()} for g in ("sets", "sharegpt")}
-        points = operating_points(lambda z: (z @ w + b).double(), view)
+        points = operating_points(score, view)
         rows.append({"fit": name, "picks": picks, "points": points})
-        print(f"{name}: " + ", ".join(f"ShareGPT<={p['sharegpt_routed_max']:.2f} pooled {p['pooled_harmful']:.3f} "
-                                      f"edgy {p['routed']['edgy benign']:.2f}" for p in points), flush=True)
+        print(progress_line(name, points), flush=True)
     result = {"mix": list(MIX), "ks": list(KS), "l2": args.l2, "layers": list(DEMO_LAYERS), "rows": rows,
               "seconds": round(time.time() - t0, 1)}
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "router_reply_readouts_val.json"), "w") as fh:
-        json.dump(result, fh, indent=1)
-    cols = ["harmful imperative", "harmful question", "harmful past tense", "harmful role-play", "harmful suffix",
-            "edgy benign", "prompt injection"]
-    lines = ["| read-outs | ShareGPT routed ≤ | pooled 5 HarmBench forms | " + " | ".join(cols) + " |",
-             "|" + "---|" * (len(cols) + 3)]
-    for r in rows:
-        for p in r["points"]:
-            lines.append(f"| {r['fit']} | {p['sharegpt_routed_max']:.2f} | **{p['pooled_harmful']:.3f}** | "
-                         + " | ".join(f"{p['routed'][c]:.2f}" for c in cols) + " |")
-    n = rows[0]["points"][0]["n"]
-    with open(os.path.join(args.out, "router_reply_readouts_val.md"), "w") as fh:
-        fh.write(f"# Sequence-router read-outs after k greedy base-model reply tokens, on val (route-only; fit on "
-                 f"{MIX[0]} + {MIX[1]} training-mix prompts, L2 {args.l2}, layers {list(DEMO_LAYERS)})\n\n"
-                 f"Threshold per row: at most 2% / 3% of each style of the whole ShareGPT val slice routed; "
-                 f"HarmBench forms n={n['harmful imperative']} each, edgy n={n['edgy benign']}. Set on the prompts "
-                 f"it is read on: a comparison of fits, not a score. {result['seconds']} s.\n\n"
-                 + "\n".join(lines) + "\n")
+    write_records(args.out, "router_reply_readouts_val", result, [("read-outs", "fit")],
+                  f"Sequence-router read-outs after k greedy base-model reply tokens, on val (route-only; fit on "
+                  f"{MIX[0]} + {MIX[1]} training-mix prompts, L2 {args.l2}, layers {list(DEMO_LAYERS)})")
     print(f"done in {time.time() - t0:.0f} s")
     return 0
 
