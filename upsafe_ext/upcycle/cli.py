@@ -1,6 +1,7 @@
 """`upsafe scan | upcycle | train | eval | sweep-temperature | demo` (UpSafe°C)."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import warnings
@@ -18,8 +19,6 @@ def load_model(spec: str):
 
 def count_or_all(text: str) -> int | None:
     """argparse type: a positive number of prompts, or "all" (None: every prompt of the set)."""
-    import argparse
-
     if text.strip().lower() == "all":
         return None
     try:
