@@ -116,7 +116,8 @@ def readouts(model, tok, prompts, span, frame=None) -> torch.Tensor:
         for ids in encode_prompts(tok, [chat(p) for p in framed]):
             ids = ids[-256:]
             model(input_ids=torch.tensor([ids]), use_cache=False)
-            lo, hi = min(pre, len(ids) - 1), max(min(pre, len(ids) - 1) + 1, len(ids) - post)
+            lo = min(pre, len(ids) - 1)
+            hi = max(lo + 1, len(ids) - post)
             rows = []
             for i in range(len(layers)):
                 x = got[i]
@@ -128,9 +129,20 @@ def readouts(model, tok, prompts, span, frame=None) -> torch.Tensor:
     return torch.stack(out)
 
 
-def features(model, tok, cache: str | None, frame: str | None = None) -> dict:
+def val_features(f, cache: str | None, **extra) -> dict:
+    """``f(prompts)`` of the val sets, the whole ShareGPT val slice and the training mix (plus `extra`), kept in
+    the .pt file `cache` between runs."""
     if cache and os.path.exists(cache):
         return torch.load(cache)
+    d = {"sets": {s.name: f(s.prompts) for s in protocol_sets("val", n=48, n_benign=48)},
+         "sharegpt": {st: f(sharegpt_prompts("val", st)) for st in ("imperative", "question")},
+         "mix": tuple(f(ps) for ps in training_mix(*MIX)), **extra}
+    if cache:
+        torch.save(d, cache)
+    return d
+
+
+def features(model, tok, cache: str | None, frame: str | None = None) -> dict:
     span = template_span(tok)  # with a frame, the "user" read-outs cover the framed message
     t0 = time.time()
 
@@ -139,12 +151,7 @@ def features(model, tok, cache: str | None, frame: str | None = None) -> dict:
         print(f"  {len(ps)} prompts, {time.time() - t0:.0f} s", flush=True)
         return x
 
-    d = {"sets": {s.name: f(s.prompts) for s in protocol_sets("val", n=48, n_benign=48)},
-         "sharegpt": {st: f(sharegpt_prompts("val", st)) for st in ("imperative", "question")},
-         "mix": tuple(f(ps) for ps in training_mix(*MIX)), "span": span, "frame": frame}
-    if cache:
-        torch.save(d, cache)
-    return d
+    return val_features(f, cache, span=span, frame=frame)
 
 
 def select(x: torch.Tensor, names, layers) -> torch.Tensor:

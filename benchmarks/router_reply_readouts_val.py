@@ -27,10 +27,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 from common import SMOLLM2_DEMO_LAYERS as DEMO_LAYERS  # noqa: E402
-from router_readouts_val import MIX, progress_line, scorer, write_records  # noqa: E402
+from router_readouts_val import MIX, progress_line, scorer, val_features, write_records  # noqa: E402
 from sequence_router_fits_val import operating_points  # noqa: E402
-from upsafe_ext.eval.prompts import sharegpt_prompts  # noqa: E402
-from upsafe_ext.eval.protocol import protocol_sets, training_mix  # noqa: E402
 from upsafe_ext.models import load  # noqa: E402
 from upsafe_ext.train.chat import chat, encode_prompts, eos_token_ids, left_pad, pad_token_id  # noqa: E402
 
@@ -91,18 +89,6 @@ def readouts(model, tok, prompts, batch_size: int = 16) -> torch.Tensor:
     return torch.stack(out)
 
 
-def features(model, tok, cache):
-    if cache and os.path.exists(cache):
-        return torch.load(cache)
-    f = lambda ps: readouts(model, tok, ps)  # noqa: E731
-    d = {"sets": {s.name: f(s.prompts) for s in protocol_sets("val", n=48, n_benign=48)},
-         "sharegpt": {st: f(sharegpt_prompts("val", st)) for st in ("imperative", "question")},
-         "mix": tuple(f(ps) for ps in training_mix(*MIX))}
-    if cache:
-        torch.save(d, cache)
-    return d
-
-
 def select(x: torch.Tensor, picks) -> torch.Tensor:
     return torch.cat([x[:, KS.index(k), :, READ.index(r)].float().reshape(len(x), -1) for k, r in picks], 1)
 
@@ -119,7 +105,7 @@ def main(argv=None) -> int:
     t0 = time.time()
     model, tok = load("smollm2")
     model.eval()
-    d = features(model, tok, args.cache)
+    d = val_features(lambda ps: readouts(model, tok, ps), args.cache)
     print(f"read-outs: {time.time() - t0:.0f} s", flush=True)
     rows = []
     for name, picks in FITS:
