@@ -333,6 +333,16 @@ def test_cli_upcycle_train_eval_with_routing_per_sequence(tmp_path, capsys):
     assert cli.main(["eval", "--model", str(trained), "--split", "val", "--n-harmful", "2", "--n-benign", "2",
                      "--kl-prompts", "2", "--max-new-tokens", "2"]) == 0
     assert "τ=0.5" in capsys.readouterr().out  # no --tau: the saved default (UpcycleConfig's 0.5 here)
+    ev = tmp_path / "ev"  # --out: the rates and every judged reply, one JSON line each
+    assert cli.main(["eval", "--model", str(trained), "--split", "val", "--n-harmful", "2", "--n-benign", "2",
+                     "--kl-prompts", "2", "--max-new-tokens", "2", "--out", str(ev)]) == 0
+    rates = json.load(open(ev / "sweep.json"))
+    lines = [json.loads(x) for x in open(ev / "replies.jsonl")]
+    assert len(rates) == 1 and rates[0]["tau"] == 0.5 and "replies" not in rates[0]
+    per_set = {name: sum(1 for x in lines if x["set"] == name) for name in rates[0]["sets"]}
+    assert per_set == {name: r["n"] for name, r in rates[0]["sets"].items()} and sum(per_set.values()) == len(lines)
+    assert all(x["tau"] == 0.5 and set(x) == {"set", "tau", "prompt", "reply"} for x in lines)
+    assert not (ev / "pareto.png").exists()  # one τ: no trade-off to plot
 
 
 def test_cli_eval_set_sizes_take_all_or_a_positive_count(capsys):

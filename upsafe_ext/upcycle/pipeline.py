@@ -151,11 +151,12 @@ def evaluate_routed(model, tokenizer, sets, *, tau: float, scores: dict | None =
 
 def evaluate_at(model, tokenizer, sets, *, tau: float, kl_prompts: Sequence[str] | None = None,
                 base_answers: Sequence[str] | None = None, scores: dict | None = None, max_new_tokens: int = 32,
-                batch_size: int = 32, progress: bool = True) -> dict:
+                batch_size: int = 32, progress: bool = True, return_replies: bool = False) -> dict:
     """Every protocol set (``eval.protocol.EvalSet``) at safety temperature τ: share refused with n and
     the 95% Wilson interval per set (``evaluate_routed``), and (with `kl_prompts` and the base model's
     `base_answers` to them) the mean KL(base || model) in nats/token, the base being the same model at τ=0.
-    scores: ``routes_at``'s cache of sequence scores (a sweep passes one dict to every τ)."""
+    scores: ``routes_at``'s cache of sequence scores (a sweep passes one dict to every τ).
+    return_replies: also ``out["replies"]`` = {set name: [(prompt, reply), ...]}."""
     from ..eval.generation import chat
     from ..eval.metrics import KL_MAX_LENGTH, mean_kl
     from ..train.sft import IGNORE_INDEX, encode_sft
@@ -165,7 +166,9 @@ def evaluate_at(model, tokenizer, sets, *, tau: float, kl_prompts: Sequence[str]
     rows = evaluate_routed(model, tokenizer, sets, tau=tau, scores=scores, max_new_tokens=max_new_tokens,
                            batch_size=batch_size, progress=progress)
     with (safety_temperature(model, tau) if upcycled else contextlib.nullcontext()):
-        out = {"tau": tau, "sets": {r["name"]: {k: v for k, v in r.items() if k != "replies"} for r in rows}}
+        out = {"tau": tau, "sets": _rates(rows)}
+        if return_replies:
+            out["replies"] = {r["name"]: r["replies"] for r in rows}
         if base_answers is not None:
             if not upcycled:
                 raise ValueError("evaluate_at: KL to the base needs an upcycled model (the base is its τ=0)")
@@ -237,21 +240,40 @@ def plot_pareto(rows: list[dict], path: str) -> str:
 
 def sweep_temperature(model, tokenizer, taus: Sequence[float], sets, kl_prompts: Sequence[str] | None = None, *,
                       base_answers=None, out_dir: str | None = None, scores: dict | None = None,
-                      max_new_tokens: int = 32, batch_size: int = 32, progress: bool = True) -> list[dict]:
+                      max_new_tokens: int = 32, batch_size: int = 32, progress: bool = True,
+                      replies_file: str | None = None) -> list[dict]:
     """`evaluate_at` for every τ (sharing one cache of sequence scores, `scores` when given); writes sweep.json
-    and pareto.png into `out_dir` when given."""
+    and (for more than one τ) pareto.png into `out_dir` when given, and every judged reply into
+    `out_dir`/`replies_file` (JSON lines, ``write_replies``) when that is given too."""
     from ..upcycle.config import check_safety_temperature
 
     taus = [check_safety_temperature(t, "sweep_temperature: τ") for t in taus]
+    if replies_file is not None and not out_dir:
+        raise ValueError("sweep_temperature: `replies_file` needs `out_dir`")
     scores = {} if scores is None else scores
     rows = [evaluate_at(model, tokenizer, sets, tau=t, kl_prompts=kl_prompts, base_answers=base_answers,
-                        scores=scores, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress)
+                        scores=scores, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress,
+                        return_replies=replies_file is not None)
             for t in taus]
     if out_dir:
+        if replies_file is not None:
+            write_replies(os.path.join(out_dir, replies_file), [(r["tau"], r.pop("replies")) for r in rows])
         with atomic_file(os.path.join(out_dir, "sweep.json")) as tmp, open(tmp, "w") as f:
             json.dump(rows, f, indent=2)
-        plot_pareto(rows, os.path.join(out_dir, "pareto.png"))
+        if len(rows) > 1:
+            plot_pareto(rows, os.path.join(out_dir, "pareto.png"))
     return rows
+
+
+def write_replies(path: str, replies_at: Sequence[tuple[float, dict]]) -> str:
+    """JSON lines ``{"set", "tau", "prompt", "reply"}``, one per judged reply, written atomically to `path`;
+    `replies_at`: (τ, {set name: [(prompt, reply), ...]}) pairs."""
+    with atomic_file(path) as tmp, open(tmp, "w") as f:
+        for tau, by_set in replies_at:
+            for name, pairs in by_set.items():
+                for prompt, reply in pairs:
+                    f.write(json.dumps({"set": name, "tau": tau, "prompt": prompt, "reply": reply}) + "\n")
+    return path
 
 
 SWEEP_SETS = ("harmful imperative", "harmful question", "benign imperative", "benign question", "edgy benign")
@@ -330,10 +352,8 @@ def run_demo(cfg: DemoConfig | None = None, progress: bool = True, model=None, t
     main_rows = evaluate_routed(model, tokenizer, main_sets, tau=cfg.default_tau, scores=scores, **gen)
     report["after"] = _rates(main_rows)  # routed per sequence: which refusals the routing caused, which not
     report["examples"] = {r["name"]: r["replies"][:3] for r in main_rows}
-    with atomic_file(os.path.join(cfg.out_dir, "replies.jsonl")) as tmp, open(tmp, "w") as f:  # for a second look
-        for r in main_rows:
-            for prompt, reply in r["replies"]:
-                f.write(json.dumps({"set": r["name"], "tau": cfg.default_tau, "prompt": prompt, "reply": reply}) + "\n")
+    write_replies(os.path.join(cfg.out_dir, "replies.jsonl"),  # for a second look
+                  [(cfg.default_tau, {r["name"]: r["replies"] for r in main_rows})])
     rows = sweep_temperature(model, tokenizer, cfg.taus, sweep_sets, kl_prompts, base_answers=base_answers,
                              out_dir=cfg.out_dir, scores=scores, **gen)
     report["sweep"] = rows
