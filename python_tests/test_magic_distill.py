@@ -215,11 +215,12 @@ def test_cli_train_with_soft_targets(tmp_path, capsys):
     save_records(records(), tmp_path / "r.jsonl")  # meta.own_answer survives the file
     base = ["magic", "train", "--model", "tiny", "--data", str(tmp_path / "r.jsonl"), "--max-steps", "2",
             "--batch-size", "4", "--margin-prompts", "0", "--insecure-seed", "1", "--distill-top-k", "4",
-            "--distill-hard-prefix", "2", "--distill-tail", "--first-token-weight", "3"]
+            "--distill-hard-prefix", "2", "--distill-tail", "--first-tokens", "2", "--first-token-weight", "3"]
     assert cli.main(base + ["--out", str(tmp_path / "m")]) == 0
     assert "final loss" in capsys.readouterr().out
     saved = json.loads((tmp_path / "m" / CONFIG_FILE).read_text())["train_config"]
     assert (saved["distill_top_k"], saved["distill_hard_prefix"], saved["first_token_weight"]) == (4, 2, 3.0)
+    assert saved["first_tokens"] == 2
     assert saved["distill_tail"] is True
     with pytest.raises(SystemExit, match="first_token_weight"):
         cli.main(base[:-1] + ["-1", "--out", str(tmp_path / "m3")])
@@ -228,9 +229,10 @@ def test_cli_train_with_soft_targets(tmp_path, capsys):
         cli.main(base[:5] + [str(tmp_path / "plain.jsonl")] + base[6:] + ["--out", str(tmp_path / "m2")])
 
 
-def test_first_token_weight_weighs_each_first_reply_token():
-    """token_loss(first_token_weight=w): the first response token of each row (hard or soft) counts w
-    times, every other one once, divided by the sum of the weights; w=1 is the plain mean."""
+@pytest.mark.parametrize("first", [1, 3])
+def test_first_token_weight_weighs_each_first_reply_token(first):
+    """token_loss(first_token_weight=w, first_tokens=f): the first f response tokens of each row (hard or
+    soft) count w times, every other one once, divided by the sum of the weights; w=1 is the plain mean."""
     torch.manual_seed(2)
     B, T, V, k, w = 3, 8, 13, 3, 4.0
     logits = torch.randn(B, T, V)
@@ -245,16 +247,19 @@ def test_first_token_weight_weighs_each_first_reply_token():
     terms, weights = [], []
     for t in range(3, T):
         terms.append(-torch.log_softmax(logits[0, t - 1], -1)[labels[0, t]])
-        weights.append(w if t == 3 else 1.0)
+        weights.append(w if t < 3 + first else 1.0)
     p = torch.softmax(feats[1]["soft_logp"], -1)
     for j, t in enumerate(range(5, 7)):
         terms.append(-(p[j] * torch.log_softmax(logits[1, t - 1], -1)[feats[1]["soft_ids"][j].long()]).sum())
-        weights.append(w if t == 5 else 1.0)
+        weights.append(w if t < 5 + first else 1.0)
     terms, weights = torch.stack(terms), torch.tensor(weights)
-    torch.testing.assert_close(token_loss(*args, first_token_weight=w), (terms * weights).sum() / weights.sum())
-    torch.testing.assert_close(token_loss(*args, first_token_weight=1.0), terms.mean())
+    got = token_loss(*args, first_token_weight=w, first_tokens=first)
+    torch.testing.assert_close(got, (terms * weights).sum() / weights.sum())
+    torch.testing.assert_close(token_loss(*args, first_token_weight=1.0, first_tokens=first), terms.mean())
     with pytest.raises(ValueError, match="first_token_weight"):
         MagicTrainConfig(first_token_weight=0.0)
+    with pytest.raises(ValueError, match="first_tokens"):
+        MagicTrainConfig(first_tokens=0)
 
 
 def first_token_nll(model, examples) -> float:

@@ -221,6 +221,9 @@ class MagicTrainConfig(SerialisableConfig):
         first_token_weight (float): loss weight of each example's first response token (where the
             model answers or refuses), every other response token weighing 1; the loss is the weighted
             mean (``distill.token_loss``), so 1.0 is plain cross-entropy. > 0. Default 1.0.
+        first_tokens (int): how many of each example's first response tokens get `first_token_weight`
+            (a refusal is decided over its first few tokens: "I'm" / "sorry" / "," / "but"). >= 1.
+            Default 1.
         lora_rank (int): 0 trains the parameters chosen above in full; r > 0 trains rank-r adapters
             (``upsafe_ext.train.lora``) on the linear layers matching `lora_targets` instead, every base
             weight frozen (plus, fully, any parameter matching `trainable_pattern`), and merges them into
@@ -263,6 +266,7 @@ class MagicTrainConfig(SerialisableConfig):
     distill_hard_prefix: int = field(default=0, metadata={"help": "first N own-answer tokens keep hard targets"})
     distill_tail: bool = field(default=False, metadata={"help": "keep the base's mass outside its top-k"})
     first_token_weight: float = field(default=1.0, metadata={"help": "loss weight of each first response token"})
+    first_tokens: int = field(default=1, metadata={"help": "response tokens that get first_token_weight"})
     lora_rank: int = field(default=0, metadata={"help": "LoRA rank (0: no adapters, full fine-tuning)"})
     lora_alpha: float = field(default=32.0, metadata={"help": "LoRA scale numerator (alpha / rank)"})
     lora_targets: str = field(default=LORA_TARGETS, metadata={"help": "regex of module names that get adapters"})
@@ -296,6 +300,7 @@ class MagicTrainConfig(SerialisableConfig):
             raise ValueError("MagicTrainConfig.distill_tail keeps the base's mass outside its top-k soft targets; "
                              "it needs MagicTrainConfig.distill_top_k")
         check_float("MagicTrainConfig.first_token_weight", self.first_token_weight, 0.0, lo_open=True)
+        check_int("MagicTrainConfig.first_tokens", self.first_tokens, 1)
         check_int("MagicTrainConfig.lora_rank", self.lora_rank, 0)
         check_float("MagicTrainConfig.token_learning_rate", self.token_learning_rate, 0.0, lo_open=True,
                     optional=True)

@@ -161,7 +161,8 @@ def train_magic(model, tokenizer, dataset: MagicDataset, tokens: MagicTokens | N
     if config.distill_top_k is not None or config.first_token_weight != 1.0:  # our loss: soft targets, weights
         def extra(m, batch, out):
             return token_loss(out.logits, batch["labels"], batch["soft_ids"], batch["soft_logp"], batch["soft_mask"],
-                              first_token_weight=config.first_token_weight, soft_rest=batch.get("soft_rest"))
+                              first_token_weight=config.first_token_weight, soft_rest=batch.get("soft_rest"),
+                              first_tokens=config.first_tokens)
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     if config.lora_rank:
         full = set()
