@@ -27,8 +27,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 from common import SMOLLM2_DEMO_LAYERS as DEMO_LAYERS  # noqa: E402
-from router_readouts_val import features, progress_line, readouts, scorer, select, write_records  # noqa: E402
-from sequence_router_fits_val import operating_points  # noqa: E402
+from router_readouts_val import features, logistic_row, readouts, select, write_records  # noqa: E402
 from upsafe_ext.eval.assets import pyrit_airt_harmful  # noqa: E402
 from upsafe_ext.eval.rephrase import FORMS, rephrase  # noqa: E402
 from upsafe_ext.models import load  # noqa: E402
@@ -65,11 +64,7 @@ def main(argv=None) -> int:
                  (f"mix + {name} + rephrased ({n} + {len(f)})", torch.cat([xh0, p, f]))]
     rows = []
     for name, xh in fits:
-        score = scorer("logistic", torch.cat([xh, xb]), torch.tensor([1.0] * len(xh) + [0.0] * len(xb)), 0.3,
-                       len(DEMO_LAYERS))
-        points = operating_points(score, view)
-        rows.append({"fit": name, "harmful_rows": len(xh), "benign_rows": len(xb), "points": points})
-        print(progress_line(name, points), flush=True)
+        rows.append(logistic_row(name, xh, xb, view, 0.3, harmful_rows=len(xh), benign_rows=len(xb)))
     result = {"layers": list(DEMO_LAYERS), "readouts": list(PACKAGE), "l2": 0.3, "rows": rows,
               "extra_prompts": {k: list(v) for k, v in groups.items()}, "seconds": round(time.time() - t0, 1)}
     write_records(args.out, "router_extra_harmful_val", result, [("fit", "fit")],

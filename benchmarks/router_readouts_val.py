@@ -168,6 +168,15 @@ def progress_line(name: str, points: list[dict]) -> str:
                                    f"edgy {p['routed']['edgy benign']:.2f}" for p in points)
 
 
+def logistic_row(name: str, xh: torch.Tensor, xb: torch.Tensor, view: dict, l2: float, **fields) -> dict:
+    """One logistic fit (harmful rows `xh` against benign `xb`), read at the operating points on `view` (the
+    val sets and ShareGPT slices, features alike); prints its progress line; the row for ``write_records``."""
+    score = scorer("logistic", torch.cat([xh, xb]), torch.tensor([1.0] * len(xh) + [0.0] * len(xb)), l2, 1)
+    points = operating_points(score, view)
+    print(progress_line(name, points), flush=True)
+    return {"fit": name, **fields, "points": points}
+
+
 def write_records(out_dir: str, stem: str, result: dict, lead: list[tuple[str, str]], heading: str,
                   note: str = "") -> None:
     """``stem``.json (`result`) and ``stem``.md: a row per fit and operating point; `lead` = the first columns,

@@ -27,8 +27,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 from common import SMOLLM2_DEMO_LAYERS as DEMO_LAYERS  # noqa: E402
-from router_readouts_val import MIX, progress_line, scorer, val_features, write_records  # noqa: E402
-from sequence_router_fits_val import operating_points  # noqa: E402
+from router_readouts_val import MIX, logistic_row, val_features, write_records  # noqa: E402
 from upsafe_ext.models import load  # noqa: E402
 from upsafe_ext.train.chat import chat, encode_prompts, eos_token_ids, left_pad, pad_token_id  # noqa: E402
 
@@ -110,11 +109,8 @@ def main(argv=None) -> int:
     rows = []
     for name, picks in FITS:
         xh, xb = (select(x, picks) for x in d["mix"])
-        score = scorer("logistic", torch.cat([xh, xb]), torch.tensor([1.0] * len(xh) + [0.0] * len(xb)), args.l2, 1)
         view = {g: {k: select(x, picks) for k, x in d[g].items()} for g in ("sets", "sharegpt")}
-        points = operating_points(score, view)
-        rows.append({"fit": name, "picks": picks, "points": points})
-        print(progress_line(name, points), flush=True)
+        rows.append(logistic_row(name, xh, xb, view, args.l2, picks=picks))
     result = {"mix": list(MIX), "ks": list(KS), "l2": args.l2, "layers": list(DEMO_LAYERS), "rows": rows,
               "seconds": round(time.time() - t0, 1)}
     write_records(args.out, "router_reply_readouts_val", result, [("read-outs", "fit")],
