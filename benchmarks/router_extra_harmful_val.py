@@ -5,7 +5,7 @@ sequence; a tuning diagnostic on val, never test.)
 
 AdvBench, the main harmful training source, barely covers some harm categories (misinformation articles,
 hate speech, sexual content, scams). PyRIT ships small hand-written AIRT seed files per harm category
-(``pyrit/datasets/seed_datasets/local/airt/*.prompt``; never its ``garak`` folder, which is reserved). This
+(``pyrit/datasets/seed_datasets/local/airt/*.prompt``; only that folder: a sibling one holds a reserved set). This
 script adds their harmful requests (``EXTRA``, read through ``eval.assets.pyrit_airt_harmful``) to the
 demo's router fit and reads the routed shares on val at the package's operating points, route-only, with
 the package's read-outs (MLP input at the generation position and the mean over the chat, demo layers),
