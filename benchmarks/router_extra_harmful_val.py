@@ -5,9 +5,8 @@ sequence; a tuning diagnostic on val, never test.)
 
 AdvBench, the main harmful training source, barely covers some harm categories (misinformation articles,
 hate speech, sexual content, scams). PyRIT ships small hand-written AIRT seed files per harm category
-(``pyrit/datasets/seed_datasets/local/airt/*.prompt``; only that folder: a sibling one holds a reserved set). This
-script adds their harmful requests (``EXTRA``, read through ``eval.assets.pyrit_airt_harmful``) to the
-demo's router fit and reads the routed shares on val at the package's operating points, route-only, with
+(``pyrit/datasets/seed_datasets/local/airt/*.prompt``; only that folder: a sibling one holds a reserved
+set). This script adds their harmful requests (``eval.assets.pyrit_airt_harmful``) to the demo's router fit and reads the routed shares on val at the package's operating points, route-only, with
 the package's read-outs (MLP input at the generation position and the mean over the chat, demo layers),
 as ``router_readouts_val.py`` does (whose cached read-outs it reuses). Rows: the package fit; + the AIRT
 requests as written; + each also through the four train-template rephrasings; the same with the AIRT
