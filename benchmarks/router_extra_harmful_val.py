@@ -6,9 +6,10 @@ sequence; a tuning diagnostic on val, never test.)
 AdvBench, the main harmful training source, barely covers some harm categories (misinformation articles,
 hate speech, sexual content, scams). PyRIT ships small hand-written AIRT seed files per harm category
 (``pyrit/datasets/seed_datasets/local/airt/*.prompt``; only that folder: a sibling one holds a reserved
-set). This script adds their harmful requests (``eval.assets.pyrit_airt_harmful``) to the demo's router fit and reads the routed shares on val at the package's operating points, route-only, with
-the package's read-outs (MLP input at the generation position and the mean over the chat, demo layers),
-as ``router_readouts_val.py`` does (whose cached read-outs it reuses). Rows: the package fit; + the AIRT
+set). This script adds their harmful requests (``eval.assets.pyrit_airt_harmful``) to the demo's router fit
+and reads the routed shares on val at the package's operating points, route-only, with the package's
+read-outs (MLP input at the generation position and the mean over the chat, demo layers), as
+``router_readouts_val.py`` does (whose cached read-outs it reuses). Rows: the package fit; + the AIRT
 requests as written; + each also through the four train-template rephrasings; the same with the AIRT
 "leakage" file (copyright and system-prompt extraction requests) as well. Writes
 benchmarks/val/router_extra_harmful_val.{json,md}.
@@ -48,11 +49,11 @@ def main(argv=None) -> int:
     d = features(model, tok, args.cache)
     span = tuple(d["span"])
     groups = {"airt": pyrit_airt_harmful(), "airt + leakage": pyrit_airt_harmful(include_leakage=True)}
-    extra = {}
-    for name, ps in groups.items():
-        forms = [rephrase(p, f, "train") for p in ps for f in FORMS]
-        extra[name] = (readouts(model, tok, ps, span), readouts(model, tok, forms, span), len(ps))
-        print(f"{name}: {len(ps)} prompts (+{len(forms)} rephrased), {time.time() - t0:.0f} s", flush=True)
+    every = groups["airt + leakage"]  # the AIRT requests come first: each group is a head of it, read once
+    forms = [rephrase(p, f, "train") for p in every for f in FORMS]  # prompt-major: a head of prompts, of forms
+    plain_all, forms_all = readouts(model, tok, every, span), readouts(model, tok, forms, span)
+    print(f"{len(every)} prompts (+{len(forms)} rephrased), {time.time() - t0:.0f} s", flush=True)
+    extra = {name: (plain_all[:len(ps)], forms_all[:len(ps) * len(FORMS)], len(ps)) for name, ps in groups.items()}
     xh0, xb = (select(x, PACKAGE, DEMO_LAYERS) for x in d["mix"])
     view = {"sets": {k: select(x, PACKAGE, DEMO_LAYERS) for k, x in d["sets"].items()},
             "sharegpt": {k: select(x, PACKAGE, DEMO_LAYERS) for k, x in d["sharegpt"].items()}}
