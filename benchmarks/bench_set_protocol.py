@@ -39,6 +39,9 @@ def main(argv=None) -> int:
     ap.add_argument("--masks", nargs="+", choices=["esi", "random"], default=["esi", "random"])
     ap.add_argument("--skip-base", action="store_true", help="do not evaluate the base model")
     ap.add_argument("--lr", type=float, default=5e-5)
+    ap.add_argument("--first-token-weight", type=float, default=1.0,
+                    help="loss weight of each reply's first --first-tokens tokens (SparseTrainConfig)")
+    ap.add_argument("--first-tokens", type=int, default=1)
     ap.add_argument("--n", type=int, default=32, help="prompts per harmful set")
     ap.add_argument("--n-benign", type=int, default=48, help="prompts per benign set")
     ap.add_argument("--max-new-tokens", type=int, default=32)
@@ -71,7 +74,8 @@ def main(argv=None) -> int:
             model = copy.deepcopy(base)
             t1 = time.time()
             res = run_set(model, tok, mask, harm[: args.train_prompts], retain=retain, max_steps=steps, lr=args.lr,
-                          batch_size=8, progress=True)
+                          batch_size=8, progress=True, first_token_weight=args.first_token_weight,
+                          first_tokens=args.first_tokens)
             meta[name] = {"weights": mask.count(), "steps": steps, "retain": len(retain),
                           "train_seconds": round(time.time() - t1, 1),
                           "loss": [res.log[0]["loss"], res.log[-1]["loss"]]}
@@ -89,7 +93,7 @@ def main(argv=None) -> int:
     with open(os.path.join(args.out, f"{args.name}.json"), "w") as f:
         json.dump(result, f, indent=2)
     md = (f"SET on SmolLM2-135M-Instruct (dequantised Q4_1 GGUF), CPU, {args.split} sets, steps {args.steps}, "
-          f"lr {args.lr}, retain examples {[m['retain'] for m in meta.values()]}, greedy {args.max_new_tokens} "
+          f"lr {args.lr}, first-token weight {args.first_token_weight} on {args.first_tokens} token(s), retain examples {[m['retain'] for m in meta.values()]}, greedy {args.max_new_tokens} "
           f"new tokens; keyword judge "
           f"(accuracy {acc['accuracy']:.3f} on PyRIT's labels). Share refused (95% Wilson interval):\n\n{table}\n")
     with open(os.path.join(args.out, f"{args.name}.md"), "w") as f:

@@ -193,6 +193,67 @@ def test_run_set_and_run_spa(tok, llama_scores):
         run_spa(model, tok, mask, [42])
 
 
+def test_weighted_lm_loss_is_the_model_loss_at_weight_1_and_weighs_the_first_reply_tokens(tok):
+    """train.sft.weighted_lm_loss: at weight 1 it is the model's own ``out.loss``; with weight w on the
+    first f response tokens it is the weighted mean of the per-token NLLs computed here by hand."""
+    from upsafe_ext.train import SFTCollator, chat, encode_sft
+    from upsafe_ext.train.sft import IGNORE_INDEX, first_token_weights, weighted_lm_loss
+
+    model = tiny_causal_lm("llama")
+    batch = SFTCollator(0)([encode_sft(tok, chat(p), r) for p, r in
+                            zip(PROMPTS[:3], ["No.", "I can't help with that request at all.", "Sure: step one"])])
+    with torch.no_grad():
+        out = model(**batch)
+    torch.testing.assert_close(weighted_lm_loss(out.logits, batch["labels"]), out.loss)
+    y = batch["labels"][:, 1:]
+    nll = torch.nn.functional.cross_entropy(out.logits[:, :-1].transpose(1, 2), y.clamp_min(0), reduction="none")
+    for w, f in ((8.0, 1), (3.0, 4)):
+        weights = []
+        for row in y:
+            pos = (row != IGNORE_INDEX).nonzero().flatten().tolist()
+            r = torch.zeros(len(row))
+            r[pos] = 1.0
+            r[pos[:f]] = w
+            weights.append(r)
+        ref = torch.stack(weights)
+        torch.testing.assert_close(first_token_weights(y != IGNORE_INDEX, w, f), ref)
+        torch.testing.assert_close(weighted_lm_loss(out.logits, batch["labels"], w, f), (nll * ref).sum() / ref.sum())
+    with pytest.raises(ValueError, match="first_tokens"):
+        first_token_weights(y != IGNORE_INDEX, 2.0, 0)
+
+
+def test_run_set_first_token_weight_trains_the_first_reply_token_harder(tok, llama_scores):
+    """SparseTrainConfig.first_token_weight: same mask, data, steps, seed and rate; with weight 8 on the
+    first reply token its NLL under the trained model ends lower than with the plain loss (measured 5.02
+    against 5.33 nats; the tiny model's loss falls only 5.59 -> 5.31 in these steps), and the logged loss
+    is the weighted one (lm_loss 0)."""
+    from upsafe_ext.esi import SparseTrainConfig
+    from upsafe_ext.train import SFTCollator, chat, encode_sft
+    from upsafe_ext.train.sft import IGNORE_INDEX
+
+    mask = llama_scores.select(0.1)
+    refusal = "I can't help with that."
+    ex = [encode_sft(tok, chat(p), refusal) for p in PROMPTS]
+    first = torch.tensor([next(i for i, y in enumerate(e["labels"]) if y != IGNORE_INDEX) for e in ex])
+    rows = torch.arange(len(ex))
+    nll = {}
+    for w in (1.0, 8.0):
+        model = tiny_causal_lm("llama")
+        res = run_set(model, tok, mask, PROMPTS, max_steps=12, lr=2e-2, batch_size=5, progress=False, refusal=refusal,
+                      first_token_weight=w)
+        assert (res.log[0]["lm_loss"] == 0.0) == (w != 1.0)
+        with torch.no_grad():
+            b = SFTCollator(0)(ex)
+            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+            logp = torch.log_softmax(logits[rows, first - 1].float(), -1)
+            nll[w] = float(-logp[rows, b["labels"][rows, first]].mean())
+    assert nll[8.0] < nll[1.0] - 0.15, nll
+    with pytest.raises(ValueError, match="first_token_weight"):
+        SparseTrainConfig(first_token_weight=0.0)
+    with pytest.raises(ValueError, match="first_tokens"):
+        SparseTrainConfig(first_tokens=0)
+
+
 # --------------------------------------------------------------------------------------------------
 # plots, errors, CLI
 # --------------------------------------------------------------------------------------------------

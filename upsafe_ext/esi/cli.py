@@ -176,7 +176,8 @@ def _train_cmd(args, mode: str) -> int:
     mask = SafetyMask.load(args.mask, model=model)
     cfg = SparseTrainConfig(lr=args.lr, weight_decay=args.weight_decay, max_steps=args.steps,
                             batch_size=args.batch_size, max_length=args.max_length, lr_schedule=args.lr_schedule,
-                            train_norm_bias=args.train_norm_bias, seed=args.seed)
+                            train_norm_bias=args.train_norm_bias, seed=args.seed,
+                            first_token_weight=args.first_token_weight, first_tokens=args.first_tokens)
     report: dict = {"mode": mode, "mask": args.mask, "mask_count": mask.count(), "config": cfg.to_dict()}
     if args.eval:
         report["judge"] = _judge_accuracy_line()
@@ -283,6 +284,9 @@ def register(sub) -> set[str]:
         p.add_argument("--batch-size", type=int, default=8)
         p.add_argument("--lr-schedule", default="constant", choices=["constant", "linear", "cosine"])
         p.add_argument("--train-norm-bias", action="store_true")
+        p.add_argument("--first-token-weight", type=float, default=1.0,
+                       help="loss weight of each reply's first --first-tokens tokens (ours; 1.0: the plain LM loss)")
+        p.add_argument("--first-tokens", type=int, default=1, help="reply tokens that get --first-token-weight")
         p.add_argument("--eval", type=int, default=0, help="judge N harmful-test + N benign-test replies before/after")
         p.add_argument("--max-new-tokens", type=int, default=48)
         p.add_argument("--out", default=None, help=f"save the trained model + report here (default upsafe_out/esi-{mode})")

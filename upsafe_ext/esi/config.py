@@ -108,6 +108,9 @@ class SparseTrainConfig(SerialisableConfig):
         train_norm_bias (bool): also train norm weights and biases (dense AdamW). Default False.
         seed (int): data order and refusal phrasing. Default 0.
         progress (bool): show progress bars. Default True.
+        first_token_weight (float): loss weight of each example's first `first_tokens` response tokens
+            (where a reply answers or refuses; the rest weigh 1), > 0. Default 1.0 (the plain LM loss).
+        first_tokens (int): response tokens that get `first_token_weight`, >= 1. Default 1.
 
     Example:
         >>> cfg = SparseTrainConfig(lr=5e-4, max_steps=50)
@@ -129,6 +132,8 @@ class SparseTrainConfig(SerialisableConfig):
     train_norm_bias: bool = field(default=False, metadata={"help": "also train norm weights and biases"})
     seed: int = field(default=0, metadata={"help": "data order and refusal phrasing seed"})
     progress: bool = field(default=True, metadata={"help": "show progress bars"})
+    first_token_weight: float = field(default=1.0, metadata={"help": "loss weight of each first response token"})
+    first_tokens: int = field(default=1, metadata={"help": "response tokens that get first_token_weight"})
     version: int = field(default=CONFIG_VERSION, metadata={"help": "config format version"})
 
     def __post_init__(self):
@@ -155,3 +160,5 @@ class SparseTrainConfig(SerialisableConfig):
         check_int("SparseTrainConfig.seed", self.seed, 0)
         if not isinstance(self.progress, bool):
             raise ValueError(f"SparseTrainConfig.progress must be a bool, got {self.progress!r}")
+        check_float("SparseTrainConfig.first_token_weight", self.first_token_weight, 0.0, None, lo_open=True)
+        check_int("SparseTrainConfig.first_tokens", self.first_tokens, 1)

@@ -2,7 +2,9 @@
 
 * `run_set`: Safety Enhancement Tuning: harmful prompt -> refusal SFT that updates ONLY the masked
   (top-ESI) weights (~100 steps in the paper). Optional `retain` data (**ours**; e.g. benign prompts with
-  the model's own replies from `own_replies`) is mixed in to hold over-refusal down.
+  the model's own replies from `own_replies`) is mixed in to hold over-refusal down, and
+  ``SparseTrainConfig.first_token_weight`` (**ours**) weighs each reply's first tokens, where it answers
+  or refuses (`train.sft.weighted_lm_loss`).
 * `run_spa`: Safety Preserving Adaptation: ordinary instruction tuning with the masked weights frozen
   bit for bit (~1000 steps in the paper).
 """
@@ -15,7 +17,7 @@ import torch
 
 from ..eval.generation import generate_chat
 from ..train.chat import chat, pad_token_id
-from ..train.sft import SFTCollator, encode_sft, run_sft
+from ..train.sft import SFTCollator, encode_sft, run_sft, weighted_lm_loss
 from .config import SparseTrainConfig
 from .mask import SafetyMask
 from .objectives import RefusalObjective
@@ -89,7 +91,11 @@ def _train(model, tokenizer, mask: SafetyMask, examples: list[dict], mode: str, 
                           eps=cfg.eps, train_norm_bias=cfg.train_norm_bias)
         name = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}[cfg.lr_schedule]
         sched = get_scheduler(name, opt, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.max_steps)
+        weighted = cfg.first_token_weight != 1.0
+        loss = (lambda m, batch, out: weighted_lm_loss(out.logits, batch["labels"], cfg.first_token_weight,
+                                                       cfg.first_tokens)) if weighted else None
         log = run_sft(model, examples, optimizer=opt, collator=SFTCollator(pad_token_id(tokenizer, model)),
+                      extra_loss=loss, lm_loss=not weighted,
                       batch_size=cfg.batch_size, max_steps=cfg.max_steps, grad_accum=cfg.grad_accum,
                       lr_scheduler=sched, max_grad_norm=cfg.max_grad_norm or None, seed=cfg.seed,
                       progress=cfg.progress, desc=desc)

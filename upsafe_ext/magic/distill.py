@@ -29,7 +29,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from ..train.sft import IGNORE_INDEX
+from ..train.sft import IGNORE_INDEX, first_token_weights
 
 TEACHER_KEY = "teacher_prompt_ids"
 """Example field: the plain conversation's prompt ids (no token) when the response is the base's own answer."""
@@ -123,9 +123,7 @@ def token_loss(logits: Tensor, labels: Tensor, soft_ids: Tensor, soft_logp: Tens
     y, m = labels[:, 1:], soft_mask[:, 1:]
     hard = (y != IGNORE_INDEX) & ~m
     resp = (y != IGNORE_INDEX) | m
-    w = resp.float()
-    if first_token_weight != 1.0:  # the first `first_tokens` response positions of each row
-        w = torch.where(resp & (resp.cumsum(-1) <= first_tokens), torch.full_like(w, float(first_token_weight)), w)
+    w = first_token_weights(resp, first_token_weight, first_tokens)
     total = -(logp.gather(-1, y.clamp_min(0).unsqueeze(-1)).squeeze(-1) * hard * w).sum()
     top = logp.gather(-1, soft_ids[:, 1:])
     total = total - ((torch.exp(soft_logp[:, 1:]) * top).sum(-1) * m * w).sum()

@@ -46,6 +46,30 @@ def encode_sft(tokenizer, messages: Sequence[dict], response: str, max_length: i
     return {"input_ids": full_ids, "labels": labels, "attention_mask": [1] * len(full_ids)}
 
 
+def first_token_weights(response: Tensor, first_token_weight: float = 1.0, first_tokens: int = 1) -> Tensor:
+    """Loss weights over a ``[B, T]`` boolean mask of response positions: 1 on each response position,
+    `first_token_weight` on each row's first `first_tokens` of them (where a reply answers or refuses),
+    0 elsewhere. Shared by the weighted SET loss and the magic-token loss."""
+    if first_tokens < 1:
+        raise ValueError(f"first_token_weights: `first_tokens` must be >= 1, got {first_tokens}")
+    w = response.float()
+    if first_token_weight != 1.0:
+        head = response & (response.cumsum(-1) <= first_tokens)
+        w = torch.where(head, torch.full_like(w, float(first_token_weight)), w)
+    return w
+
+
+def weighted_lm_loss(logits: Tensor, labels: Tensor, first_token_weight: float = 1.0, first_tokens: int = 1) -> Tensor:
+    """Causal-LM cross-entropy (label t predicted by ``logits[:, t - 1]``), a weighted mean over the
+    response tokens with `first_token_weights`; with weight 1.0 it equals the model's own ``out.loss``."""
+    y = labels[:, 1:]
+    resp = y != IGNORE_INDEX
+    w = first_token_weights(resp, first_token_weight, first_tokens)
+    logp = torch.log_softmax(logits[:, :-1].float(), -1)
+    nll = -logp.gather(-1, y.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    return (nll * w).sum() / w.sum().clamp_min(1e-12)
+
+
 class SFTCollator:
     """Right-pads a list of `encode_sft` dicts into tensors; usable as an HF `Trainer` data_collator.
 
