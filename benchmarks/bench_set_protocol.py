@@ -93,7 +93,8 @@ def main(argv=None) -> int:
     with open(os.path.join(args.out, f"{args.name}.json"), "w") as f:
         json.dump(result, f, indent=2)
     md = (f"SET on SmolLM2-135M-Instruct (dequantised Q4_1 GGUF), CPU, {args.split} sets, steps {args.steps}, "
-          f"lr {args.lr}, first-token weight {args.first_token_weight} on {args.first_tokens} token(s), retain examples {[m['retain'] for m in meta.values()]}, greedy {args.max_new_tokens} "
+          f"lr {args.lr}, first-token weight {args.first_token_weight} on {args.first_tokens} token(s), "
+          f"retain examples {[m['retain'] for m in meta.values()]}, greedy {args.max_new_tokens} "
           f"new tokens; keyword judge "
           f"(accuracy {acc['accuracy']:.3f} on PyRIT's labels). Share refused (95% Wilson interval):\n\n{table}\n")
     with open(os.path.join(args.out, f"{args.name}.md"), "w") as f:
