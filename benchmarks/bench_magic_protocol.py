@@ -24,7 +24,9 @@ model's own answers (`mean_kl(..., reference_conversations=)`: each model on its
 After each epoch the model is evaluated on `--split` (epoch choice on val). Every epoch starts a fresh
 optimizer (constant rate, warm-up in epoch 1 only, shuffling seed = epoch), so `--resume DIR
 --first-epoch N` continues a run from the model it saved after epoch N-1 (DIR = its `--out`/model)
-as if it had not stopped (the base model's answers are regenerated: greedy, the same). Writes
+as if it had not stopped (the base model's answers are regenerated: greedy, the same). `--epoch-lr`
+sets the rate per epoch (e.g. a lower second epoch); OUT/model is the last epoch's model and
+OUT/model_ep<N> keeps each earlier one (for `--eval-only` or `--resume`). Writes
 benchmarks/results/magic_protocol_<split>.{json,md} and magic_margin_<split>_{before,after}.png.
 """
 from __future__ import annotations
@@ -89,6 +91,9 @@ def main(argv=None) -> int:
     ap.add_argument("--n-margin", type=int, default=32, help="held-out harmful and benign prompts for the margin")
     ap.add_argument("--epochs", type=int, default=2, help="evaluated after each epoch")
     ap.add_argument("--lr", type=float, default=3e-5)
+    ap.add_argument("--epoch-lr", type=float, nargs="+", default=None, metavar="LR",
+                    help="the model's learning rate for each epoch of this run, in order (one per --epochs; "
+                         "default --lr for every epoch); --token-lr is kept for all")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--special-tokens", action="store_true")
     ap.add_argument("--template-system", action="store_true", help="MagicConfig.template_system")
@@ -115,6 +120,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if (args.resume is None) != (args.first_epoch == 1):
         ap.error("--resume DIR and --first-epoch N (> 1) go together")
+    if args.epoch_lr is not None and len(args.epoch_lr) != args.epochs:
+        ap.error(f"--epoch-lr gives {len(args.epoch_lr)} rates for --epochs {args.epochs}: give one per epoch")
     if args.eval_only and args.resume:
         ap.error("--eval-only DIR evaluates a saved model; it does not train, so it takes no --resume")
     if args.eval_only and os.path.abspath(args.out) == os.path.dirname(os.path.abspath(args.eval_only)):
@@ -191,7 +198,8 @@ def main(argv=None) -> int:
     train_s = 0.0
     for ep in range(args.first_epoch, args.first_epoch + args.epochs):
         t1 = time.time()
-        cfg = MagicTrainConfig(learning_rate=args.lr, epochs=1.0, batch_size=args.batch_size,
+        lr = args.lr if args.epoch_lr is None else args.epoch_lr[ep - args.first_epoch]
+        cfg = MagicTrainConfig(learning_rate=lr, epochs=1.0, batch_size=args.batch_size,
                                lr_schedule="constant", warmup_ratio=0.03 if ep == 1 else 0.0, seed=ep,
                                distill_top_k=args.distill_top_k, distill_hard_prefix=args.distill_hard_prefix,
                                distill_tail=args.distill_tail, first_token_weight=args.first_token_weight,
@@ -202,8 +210,12 @@ def main(argv=None) -> int:
         print(f"epoch {ep}: {len(log)} steps, loss {log[0]['loss']:.3f} -> {log[-1]['loss']:.3f}, "
               f"train {train_s:.0f} s", flush=True)
         saved = save_magic_model(model, tok, tokens, os.path.join(args.out, "model"), config=mcfg, train_config=cfg)
+        if ep < args.first_epoch + args.epochs - 1:  # kept, so an earlier epoch can be chosen or resumed
+            save_magic_model(model, tok, tokens, os.path.join(args.out, f"model_ep{ep}"), config=mcfg,
+                             train_config=cfg)
         print(f"epoch {ep}: model saved to {saved} (evaluated next)", flush=True)  # kept if the evaluation fails
-        report(model, tok, tokens, ep, {"steps": len(log), "loss_last": log[-1]["loss"], "train_s": train_s})
+        report(model, tok, tokens, ep, {"steps": len(log), "lr": lr, "loss_last": log[-1]["loss"],
+                                        "train_s": train_s})
     print(f"total {time.time() - t0:.0f} s", flush=True)
     return 0
 
