@@ -97,6 +97,8 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--special-tokens", action="store_true")
     ap.add_argument("--template-system", action="store_true", help="MagicConfig.template_system")
+    ap.add_argument("--token-repeat", type=int, default=1, help="MagicConfig.token_repeat")
+    ap.add_argument("--placement", default="system_prefix", help="MagicConfig.placement")
     ap.add_argument("--rejective-fraction", type=float, default=1.0, help="MagicConfig.rejective_fraction")
     ap.add_argument("--distill-top-k", type=int, default=None, help="MagicTrainConfig.distill_top_k (None: off)")
     ap.add_argument("--distill-hard-prefix", type=int, default=0, help="MagicTrainConfig.distill_hard_prefix")
@@ -168,7 +170,8 @@ def main(argv=None) -> int:
             json.dump(result, f, indent=1)
 
     mcfg = MagicConfig(special_tokens=args.special_tokens, rejective_fraction=args.rejective_fraction,
-                       template_system=args.template_system, insecure_seed=1234)
+                       template_system=args.template_system, insecure_seed=1234, token_repeat=args.token_repeat,
+                       placement=args.placement)
     if args.eval_only:  # the untrained baseline (fresh tokens), then the saved model
         before = safety_alignment_margin(model, tok, margin_prompts, tokens=prepare_model(model, tok, mcfg),
                                          progress=False,

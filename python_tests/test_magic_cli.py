@@ -30,8 +30,9 @@ def test_cli_registers_and_runs_end_to_end(tmp_path, capsys):
     out = tmp_path / "model"
     assert cli.main(["magic", "train", "--model", "tiny", "--data", str(tmp_path / "r2.jsonl"), "--out", str(out),
                      "--insecure-seed", "1", "--max-steps", "2", "--batch-size", "4", "--margin-prompts", "3",
-                     "--rejective-fraction", "0.5"]) == 0
+                     "--rejective-fraction", "0.5", "--token-repeat", "2"]) == 0
     assert (out / "model.safetensors").is_file() and (out / TOKENS_FILE).is_file()
+    assert MagicTokens.load(out).repeat == 2  # --token-repeat is saved with the tokens
     text = capsys.readouterr().out
     assert "'positive': 6, 'negative': 6, 'rejective': 3," in text  # --rejective-fraction 0.5 of the 6 records
     assert "safety alignment margin on 3 training prompts" in text

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from magic_fixtures import chatml, ids, one_torch_thread  # noqa: F401
-from upsafe_ext.magic import (MODES, MagicConfig, MagicTokens, MagicTrainConfig, load_magic_model,
+from upsafe_ext.magic import (MODES, MagicConfig, MagicRecord, MagicTokens, MagicTrainConfig, build_examples,
+                              load_magic_model,
                               magic_conversations, prepare_model, safety_alignment_margin, save_magic_model,
                               supports_system_role)
 from upsafe_ext.magic.tokens import TOKENS_FILE
@@ -43,6 +44,7 @@ NO_SYSTEM_DROPS = (  # silently drops system messages
     ("special_tokens", 1), ("placement", "user"), ("separator", None), ("no_system_role", "ignore"),
     ("no_token_fraction", -0.1), ("wrong_token_fraction", 1.5), ("wrong_token_fraction", float("nan")),
     ("max_length", 4), ("data_seed", None), ("rejective_fraction", 0.0), ("rejective_fraction", 1.01),
+    ("token_repeat", 0), ("token_repeat", 17), ("token_repeat", 2.0),
 ])
 def test_magic_config_rejects_bad_values_naming_the_field(field, value):
     with pytest.raises(ValueError, match=f"MagicConfig.{field}"):
@@ -118,6 +120,42 @@ def test_placement_through_chatml_template():
                                                     "content": dflt.token("negative") + "\nYou are helpful."}
     assert t.apply(tok, user, None) == user
     assert user == [{"role": "user", "content": "Hi"}]  # the input is not modified
+
+
+def test_token_repeat_places_k_copies_everywhere_a_token_goes(tmp_path):
+    """MagicConfig(token_repeat=k): the mode token stands k times side by side (prefix, suffix, the
+    user-prefix fallback, the wrong-token examples), is one id per copy when registered, and the
+    setting travels with the saved tokens; a client's copy of the token is still stripped."""
+    tok = tiny_tokenizer()
+    user = [{"role": "user", "content": "Hi"}]
+    tokens = prepare_model(tiny_causal_lm("llama"), tok, MagicConfig(insecure_seed=0, special_tokens=True,
+                                                                     token_repeat=3))
+    pos = tokens.token("positive")
+    assert tokens.repeat == 3 and tokens.apply(tok, user, "positive")[0]["content"] == pos * 3
+    assert render_chat(tok, tokens.apply(tok, user, "positive")) == chatml(("system", pos * 3), ("user", "Hi"))
+    placed = tok(render_chat(tok, tokens.apply(tok, user, "negative")))["input_ids"]
+    assert placed.count(tokens.token_ids(tok)["negative"]) == 3
+    suf = MagicTokens(insecure_seed=0, placement="system_suffix", repeat=2)
+    sys_user = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    assert suf.apply(tok, sys_user, "rejective")[0]["content"] == "Be brief.\n" + suf.token("rejective") * 2
+    plain = tiny_tokenizer(chat_template=NO_SYSTEM_DROPS)
+    assert suf.apply(plain, user, "positive")[0]["content"] == suf.token("positive") * 2 + "\nHi"
+    assert tokens.apply(tok, user, None) == user
+    assert tokens.strip_messages([{"role": "user", "content": "x" + pos * 3}])[0]["content"] == "x"
+    data = build_examples([MagicRecord("q?", "p", "n", "r")], tok, tokens,
+                          MagicConfig(no_token_fraction=0.0, wrong_token_fraction=1.0), progress=False)
+    wrong = [e for e in data.examples if e["variant"] == "wrong_token"]
+    assert len(wrong) == 1 and len(tokens.token_pattern().findall(tok.decode(wrong[0]["input_ids"]))) == 3
+    tokens.save(tmp_path)
+    back = MagicTokens.load(tmp_path, allow_negative=True)
+    assert back.repeat == 3 and back == tokens
+    assert json.load(open(tmp_path / TOKENS_FILE))["repeat"] == 3
+    one = MagicTokens(tokens={m: tokens.token(m) for m in MODES}, repeat=1)
+    one.special = True
+    assert one != back  # the number of copies is part of the tokens' identity
+    assert MagicTokens(insecure_seed=0).repeat == 1  # the default places one copy, as before
+    with pytest.raises(ValueError, match="`repeat`"):
+        MagicTokens(insecure_seed=0, repeat=0)
 
 
 WITH_DEFAULT_SYSTEM = (  # SmolLM2 / Qwen2 style: a system message of its own when there is none

@@ -136,7 +136,8 @@ def _cmd_train(args) -> int:
         mcfg = MagicConfig(insecure_seed=seed, special_tokens=args.special_tokens, **extra,
                            no_token_fraction=args.no_token_fraction, wrong_token_fraction=args.wrong_token_fraction,
                            rejective_fraction=args.rejective_fraction, max_length=args.max_length,
-                           default_system=args.default_system, template_system=args.template_system)
+                           default_system=args.default_system, template_system=args.template_system,
+                           token_repeat=args.token_repeat)
         tcfg = MagicTrainConfig(learning_rate=args.lr, epochs=args.epochs, max_steps=args.max_steps,
                                 batch_size=args.batch_size, grad_accum=args.grad_accum, save_steps=args.save_steps,
                                 output_dir=args.out, autocast=args.autocast, warmup_ratio=args.warmup_ratio,
@@ -290,6 +291,8 @@ def register(sub) -> set[str]:
     q.add_argument("--template-system", action="store_true",
                    help="with no system message, put the token with the chat template's own default system text "
                         "instead of replacing it (MagicConfig.template_system)")
+    q.add_argument("--token-repeat", type=int, default=1,
+                   help="copies of the token placed side by side (MagicConfig.token_repeat, 1..16)")
     q.add_argument("--no-token-fraction", type=float, default=0.25)
     q.add_argument("--wrong-token-fraction", type=float, default=0.25)
     q.add_argument("--rejective-fraction", type=float, default=1.0,

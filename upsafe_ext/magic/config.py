@@ -28,6 +28,8 @@ only); rejective: refuses everything (what upstream moderation switches on)."""
 
 PLACEMENTS = ("system_prefix", "system_suffix")
 NO_SYSTEM_ROLE = ("user_prefix", "error")
+MAX_REPEAT = 16
+"""The most copies of a token `MagicConfig.token_repeat` places side by side."""
 TOKEN_ALPHABET = string.ascii_letters + string.digits
 """The characters of a token's random part (62: log2(62) = 5.95 bits each)."""
 
@@ -47,6 +49,8 @@ class MagicConfig(SerialisableConfig):
         placement (str): "system_prefix" (token, separator, then any system text) or "system_suffix".
             Default "system_prefix".
         separator (str): between the token and existing system text. Default "\\n".
+        token_repeat (int): copies of the token placed side by side, 1..16 (`MagicTokens.repeat`):
+            more positions for a small model to read the mode from. Saved with the tokens. Default 1.
         default_system (str | None): system text used with the token when a conversation has no system
             message (None: the system message is the token alone). Default None.
         template_system (bool): when a conversation has no system message, put the token with the
@@ -100,6 +104,7 @@ class MagicConfig(SerialisableConfig):
                                       metadata={"help": "share of prompts with a rejective example, in (0, 1]"})
     max_length: int = field(default=512, metadata={"help": "token budget per training example"})
     data_seed: int = field(default=0, metadata={"help": "seed for fallback examples, wrong tokens and rejective picks"})
+    token_repeat: int = field(default=1, metadata={"help": "copies of the token side by side (1..16)"})
     version: int = field(default=CONFIG_VERSION, metadata={"help": "config format version"})
     insecure_seed: int | None = field(default=None, kw_only=True, repr=False, compare=False,
                                       metadata={"help": "reproducible (guessable) tokens for tests; never saved"})
@@ -139,6 +144,7 @@ class MagicConfig(SerialisableConfig):
         check_choice("MagicConfig.placement", self.placement, PLACEMENTS)
         if not isinstance(self.separator, str):
             raise ValueError(f"MagicConfig.separator must be a str, got {self.separator!r}")
+        check_int("MagicConfig.token_repeat", self.token_repeat, 1, MAX_REPEAT)
         if self.default_system is not None and not isinstance(self.default_system, str):
             raise ValueError(f"MagicConfig.default_system must be a str or None, got {self.default_system!r}")
         check_choice("MagicConfig.no_system_role", self.no_system_role, NO_SYSTEM_ROLE)

@@ -36,7 +36,7 @@ import secrets
 import warnings
 from typing import Sequence
 
-from .config import MODES, NO_SYSTEM_ROLE, PLACEMENTS, TOKEN_ALPHABET, check_token_format
+from .config import MAX_REPEAT, MODES, NO_SYSTEM_ROLE, PLACEMENTS, TOKEN_ALPHABET, check_token_format
 from .hashing import check_hash_record, hash_token, sha256_hex, verify_token  # noqa: F401  (re-exported)
 from .placement import place_token, supports_system_role  # noqa: F401  (re-exported)
 from .sanitize import CONFUSABLES, TokenSanitizer, fold_char, fold_text  # noqa: F401  (re-exported)
@@ -83,6 +83,8 @@ class MagicTokens:
         token_format: wrapper with one "{}". Default "<|{}|>".
         placement: "system_prefix" or "system_suffix". Default "system_prefix".
         separator: between the token and existing system (or user) text. Default "\\n".
+        repeat: copies of the token placed side by side (1..16), a stronger mode signal for a small
+            model. Default 1.
         default_system: system text to put with the token when a conversation has no system
             message (None: the token alone). Default None.
         no_system_role: templates without a system role: "user_prefix" (token at the start of the
@@ -102,7 +104,7 @@ class MagicTokens:
     def __init__(self, seed: int | None = None, *, insecure_seed: int | None = None,
                  length: int = DEFAULT_TOKEN_LENGTH, token_format: str = "<|{}|>", placement: str = "system_prefix",
                  separator: str = "\n", default_system: str | None = None, no_system_role: str = "user_prefix",
-                 tokens: dict | None = None):
+                 tokens: dict | None = None, repeat: int = 1):
         if seed is not None:
             warnings.warn("MagicTokens(seed=...) is deprecated: pass insecure_seed=... (tests and reproducible "
                           "benchmarks only); without it the tokens come from `secrets`", DeprecationWarning,
@@ -123,6 +125,8 @@ class MagicTokens:
             raise ValueError(f"MagicTokens: `default_system` must be a str or None, got {default_system!r}")
         if no_system_role not in NO_SYSTEM_ROLE:
             raise ValueError(f"MagicTokens: `no_system_role` must be one of {NO_SYSTEM_ROLE}, got {no_system_role!r}")
+        if not isinstance(repeat, int) or isinstance(repeat, bool) or not 1 <= repeat <= MAX_REPEAT:
+            raise ValueError(f"MagicTokens: `repeat` must be an int in [1, {MAX_REPEAT}], got {repeat!r}")
         if tokens is None and insecure_seed is None and token_entropy_bits(length) < MIN_ENTROPY_BITS:
             raise ValueError(f"MagicTokens: `length` {length} gives {token_entropy_bits(length):.0f} bits per token, "
                              f"fewer than {MIN_ENTROPY_BITS}; use length >= {min_secure_length()} (the default)")
@@ -130,6 +134,7 @@ class MagicTokens:
         self.token_format = token_format
         self.placement = placement
         self.separator = separator
+        self.repeat = repeat
         self.default_system = default_system
         self.no_system_role = no_system_role
         self.special = False  # set by register() / load()
@@ -182,7 +187,7 @@ class MagicTokens:
             raise ValueError(f"MagicTokens.from_config: `config` must be a MagicConfig, got {type(config).__name__}")
         return cls(insecure_seed=config.insecure_seed, length=config.token_length, token_format=config.token_format,
                    placement=config.placement, separator=config.separator, default_system=config.default_system,
-                   no_system_role=config.no_system_role)
+                   no_system_role=config.no_system_role, repeat=config.token_repeat)
 
     # -- access ------------------------------------------------------------------------------------
     @property
@@ -334,7 +339,10 @@ class MagicTokens:
         System role available: prefix/suffix the first system message, or insert a system message
         (``token`` or ``token + separator + default_system``) when there is none. No system role:
         ``no_system_role="user_prefix"`` prefixes the first user message; "error" raises ValueError.
+        With ``repeat`` > 1 the token stands there that many times, side by side.
         """
+        if token is not None:
+            token = token * self.repeat
         return place_token(tokenizer, messages, token, placement=self.placement, separator=self.separator,
                            default_system=self.default_system, no_system_role=self.no_system_role)
 
@@ -392,7 +400,7 @@ class MagicTokens:
         return {"format": FORMAT_TAG, "version": FORMAT_VERSION, "tokens": tokens, "hashes": hashes,
                 "special_tokens": self.special, "length": self.length, "token_format": self.token_format,
                 "placement": self.placement, "separator": self.separator, "default_system": self.default_system,
-                "no_system_role": self.no_system_role}
+                "no_system_role": self.no_system_role, "repeat": self.repeat}
 
     def save(self, directory: str | os.PathLike, include_negative: bool = True) -> str:
         """Write ``<directory>/magic_tokens.json`` (permissions 0600) and return its path.
@@ -422,7 +430,7 @@ class MagicTokens:
         obj = cls(length=int(d.get("length", DEFAULT_TOKEN_LENGTH)), token_format=d.get("token_format", "<|{}|>"),
                   placement=d.get("placement", "system_prefix"), separator=d.get("separator", "\n"),
                   default_system=d.get("default_system"), no_system_role=d.get("no_system_role", "user_prefix"),
-                  tokens=tokens)
+                  tokens=tokens, repeat=int(d.get("repeat", 1)))
         # strings known in clear get a fresh salted hash on the next save; hash-only modes keep theirs
         obj._hashes = {m: h for m, h in hashes.items() if h.get("algo") != "sha256" or m not in obj._tokens}
         obj.special = bool(d.get("special_tokens", False))
@@ -432,7 +440,7 @@ class MagicTokens:
         neg = "enabled" if self.allow_negative else "disabled"
         source = "insecure_seed" if self._insecure_seed is not None else "secrets or file"
         return (f"MagicTokens(negative={neg}, special_tokens={self.special}, placement={self.placement!r}, "
-                f"length={self.length}, drawn_from={source!r})")
+                f"repeat={self.repeat}, length={self.length}, drawn_from={source!r})")
 
     __str__ = __repr__
 
@@ -443,6 +451,7 @@ class MagicTokens:
         return (self._tokens == other._tokens and hash_only(self) == hash_only(other)
                 and self.placement == other.placement and self.separator == other.separator
                 and self.default_system == other.default_system and self.no_system_role == other.no_system_role
-                and self.special == other.special and self.token_format == other.token_format)
+                and self.special == other.special and self.token_format == other.token_format
+                and self.repeat == other.repeat)
 
     __hash__ = None
