@@ -36,6 +36,7 @@ import secrets
 import warnings
 from typing import Sequence
 
+from .._config import check_int
 from .config import MAX_REPEAT, MODES, NO_SYSTEM_ROLE, PLACEMENTS, TOKEN_ALPHABET, check_token_format
 from .hashing import check_hash_record, hash_token, sha256_hex, verify_token  # noqa: F401  (re-exported)
 from .placement import place_token, supports_system_role  # noqa: F401  (re-exported)
@@ -112,10 +113,8 @@ class MagicTokens:
             if insecure_seed is not None and insecure_seed != seed:
                 raise ValueError("MagicTokens: give `insecure_seed` only (`seed` is its deprecated alias)")
             insecure_seed = seed
-        if insecure_seed is not None and (not isinstance(insecure_seed, int) or isinstance(insecure_seed, bool)):
-            raise ValueError(f"MagicTokens: `insecure_seed` must be an int or None, got {insecure_seed!r}")
-        if not isinstance(length, int) or isinstance(length, bool) or not 8 <= length <= 64:
-            raise ValueError(f"MagicTokens: `length` must be an int in [8, 64], got {length!r}")
+        check_int("MagicTokens: `insecure_seed`", insecure_seed, optional=True)
+        check_int("MagicTokens: `length`", length, 8, 64)
         check_token_format(token_format, "MagicTokens: `token_format`")
         if placement not in PLACEMENTS:
             raise ValueError(f"MagicTokens: `placement` must be one of {PLACEMENTS}, got {placement!r}")
@@ -125,8 +124,7 @@ class MagicTokens:
             raise ValueError(f"MagicTokens: `default_system` must be a str or None, got {default_system!r}")
         if no_system_role not in NO_SYSTEM_ROLE:
             raise ValueError(f"MagicTokens: `no_system_role` must be one of {NO_SYSTEM_ROLE}, got {no_system_role!r}")
-        if not isinstance(repeat, int) or isinstance(repeat, bool) or not 1 <= repeat <= MAX_REPEAT:
-            raise ValueError(f"MagicTokens: `repeat` must be an int in [1, {MAX_REPEAT}], got {repeat!r}")
+        check_int("MagicTokens: `repeat`", repeat, 1, MAX_REPEAT)
         if tokens is None and insecure_seed is None and token_entropy_bits(length) < MIN_ENTROPY_BITS:
             raise ValueError(f"MagicTokens: `length` {length} gives {token_entropy_bits(length):.0f} bits per token, "
                              f"fewer than {MIN_ENTROPY_BITS}; use length >= {min_secure_length()} (the default)")
