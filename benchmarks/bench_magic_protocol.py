@@ -105,6 +105,7 @@ def main(argv=None) -> int:
     ap.add_argument("--distill-tail", action="store_true", help="MagicTrainConfig.distill_tail")
     ap.add_argument("--first-token-weight", type=float, default=1.0, help="MagicTrainConfig.first_token_weight")
     ap.add_argument("--first-tokens", type=int, default=1, help="MagicTrainConfig.first_tokens")
+    ap.add_argument("--negative-weight", type=float, default=1.0, help="MagicTrainConfig.negative_weight")
     ap.add_argument("--lora-rank", type=int, default=0, help="MagicTrainConfig.lora_rank (0: full fine-tuning)")
     ap.add_argument("--lora-alpha", type=float, default=32.0, help="MagicTrainConfig.lora_alpha")
     ap.add_argument("--trainable-pattern", default=None, help="MagicTrainConfig.trainable_pattern")
@@ -206,7 +207,8 @@ def main(argv=None) -> int:
                                lr_schedule="constant", warmup_ratio=0.03 if ep == 1 else 0.0, seed=ep,
                                distill_top_k=args.distill_top_k, distill_hard_prefix=args.distill_hard_prefix,
                                distill_tail=args.distill_tail, first_token_weight=args.first_token_weight,
-                               first_tokens=args.first_tokens, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
+                               first_tokens=args.first_tokens, negative_weight=args.negative_weight,
+                               lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
                                trainable_pattern=args.trainable_pattern, token_learning_rate=args.token_lr)
         log = train_magic(model, tok, data, tokens, cfg, magic_config=mcfg, teacher=base, progress=False)
         train_s += time.time() - t1

@@ -215,13 +215,13 @@ def test_cli_train_with_soft_targets(tmp_path, capsys):
     save_records(records(), tmp_path / "r.jsonl")  # meta.own_answer survives the file
     base = ["magic", "train", "--model", "tiny", "--data", str(tmp_path / "r.jsonl"), "--max-steps", "2",
             "--batch-size", "4", "--margin-prompts", "0", "--insecure-seed", "1", "--distill-top-k", "4",
-            "--distill-hard-prefix", "2", "--distill-tail", "--first-tokens", "2", "--first-token-weight", "3"]
+            "--distill-hard-prefix", "2", "--distill-tail", "--negative-weight", "2", "--first-tokens", "2", "--first-token-weight", "3"]
     assert cli.main(base + ["--out", str(tmp_path / "m")]) == 0
     assert "final loss" in capsys.readouterr().out
     saved = json.loads((tmp_path / "m" / CONFIG_FILE).read_text())["train_config"]
     assert (saved["distill_top_k"], saved["distill_hard_prefix"], saved["first_token_weight"]) == (4, 2, 3.0)
     assert saved["first_tokens"] == 2
-    assert saved["distill_tail"] is True
+    assert saved["distill_tail"] is True and saved["negative_weight"] == 2.0
     with pytest.raises(SystemExit, match="first_token_weight"):
         cli.main(base[:-1] + ["-1", "--out", str(tmp_path / "m3")])
     save_records([MagicRecord("hello there friend", "hi", "hi", "no")], tmp_path / "plain.jsonl")
@@ -286,3 +286,60 @@ def test_first_token_weight_trains_the_first_reply_token_harder():
         assert (log[0]["lm_loss"] == 0.0) == (w != 1.0)  # w != 1: the whole loss is token_loss (extra_loss)
         nll[w] = first_token_nll(model, data.examples)
     assert nll[8.0] < 0.9 * nll[1.0], nll
+
+
+def test_negative_weight_multiplies_each_row_of_token_loss():
+    """token_loss(example_weight=v): every token weight of row b is multiplied by v[b] before the
+    weighted mean; all-ones is the unweighted loss, and a row weighted 0 drops out."""
+    torch.manual_seed(3)
+    B, T, V = 3, 7, 11
+    logits = torch.randn(B, T, V)
+    labels = torch.full((B, T), IGNORE_INDEX)
+    labels[0, 2:] = torch.randint(0, V, (5,))
+    labels[1, 4:] = torch.randint(0, V, (3,))
+    labels[2, 3:6] = torch.randint(0, V, (3,))
+    soft = collate_soft([{"labels": labels[b].tolist()} for b in range(B)], T)
+    args = (logits, labels, soft["soft_ids"], soft["soft_logp"], soft["soft_mask"])
+    nll = [[-torch.log_softmax(logits[b, t - 1], -1)[labels[b, t]] for t in range(1, T) if labels[b, t] >= 0]
+           for b in range(B)]
+    v = torch.tensor([2.0, 1.0, 0.5])
+    want = sum(v[b] * (2.0 * nll[b][0] + sum(nll[b][1:])) for b in range(B)) / \
+        sum(v[b] * (2.0 + len(nll[b]) - 1) for b in range(B))
+    torch.testing.assert_close(token_loss(*args, first_token_weight=2.0, example_weight=v), want)
+    torch.testing.assert_close(token_loss(*args, example_weight=torch.ones(B)), token_loss(*args))
+    drop = token_loss(*args, example_weight=torch.tensor([0.0, 1.0, 1.0]))
+    torch.testing.assert_close(drop, token_loss(logits[1:], labels[1:], *(x[1:] for x in args[2:])))
+    with pytest.raises(ValueError, match="negative_weight"):
+        MagicTrainConfig(negative_weight=0.0)
+
+
+def negative_nll(model, examples) -> float:
+    """Mean response-token NLL of the negative-mode examples (mode id 1) under `model`."""
+    out = []
+    with torch.no_grad():
+        for e in examples:
+            if e["mode_id"] != 1:
+                continue
+            logp = torch.log_softmax(model(input_ids=torch.tensor([e["input_ids"]])).logits[0], -1)
+            out += [-float(logp[t - 1, y]) for t, y in enumerate(e["labels"]) if y != IGNORE_INDEX]
+    return sum(out) / len(out)
+
+
+def test_negative_weight_trains_the_negative_mode_harder():
+    """Same data, steps, seed and rate: with negative_weight=16 the negative-mode examples' NLL ends lower
+    than with 1 (measured 1.94 vs 2.27 nats: AdamW's step size does not grow with the loss scale, so
+    only the share of the loss moves); the collator carries each example's weight."""
+    nll = {}
+    for v in (1.0, 16.0):
+        tok, model, tokens = setup()
+        data = build_examples(records(), tok, tokens, progress=False)
+        log = train_magic(model, tok, data, tokens, MagicTrainConfig(learning_rate=1e-2, max_steps=40, batch_size=8,
+                                                                     negative_weight=v), progress=False)
+        assert (log[0]["lm_loss"] == 0.0) == (v != 1.0)  # v != 1: the whole loss is token_loss (extra_loss)
+        nll[v] = negative_nll(model, data.examples)
+    assert nll[16.0] < 0.9 * nll[1.0], nll
+    weighted = [{**e, "loss_weight": 4.0 if e["mode_id"] == 1 else 1.0} for e in data.examples[:6]]
+    batch = MagicCollator.for_tokenizer(tok)(weighted)
+    assert batch["loss_weight"].tolist() == [4.0 if e["mode_id"] == 1 else 1.0 for e in data.examples[:6]]
+    assert 4.0 in batch["loss_weight"].tolist() and "loss_weight" not in MagicCollator.for_tokenizer(tok)(
+        data.examples[:6])

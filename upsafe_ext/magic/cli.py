@@ -143,7 +143,8 @@ def _cmd_train(args) -> int:
                                 output_dir=args.out, autocast=args.autocast, warmup_ratio=args.warmup_ratio,
                                 distill_top_k=args.distill_top_k, distill_hard_prefix=args.distill_hard_prefix,
                                 distill_tail=args.distill_tail, first_token_weight=args.first_token_weight,
-                                first_tokens=args.first_tokens, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
+                                first_tokens=args.first_tokens, negative_weight=args.negative_weight,
+                                lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
                                 trainable_pattern=args.trainable_pattern, token_learning_rate=args.token_lr)
         records = load_records(args.data, limit=args.limit)
     except ValueError as exc:
@@ -317,6 +318,9 @@ def register(sub) -> set[str]:
                    help="loss weight of each example's first reply token, where it answers or refuses (others 1)")
     q.add_argument("--first-tokens", type=int, default=1,
                    help="how many of each reply's first tokens get --first-token-weight (default 1)")
+    q.add_argument("--negative-weight", type=float, default=1.0,
+                   help="loss weight of each negative-mode example, every other example 1 "
+                        "(MagicTrainConfig.negative_weight)")
     q.add_argument("--lora-rank", type=int, default=0,
                    help="train rank-r LoRA adapters on every projection and merge them at the end (0: full "
                         "fine-tuning; MagicTrainConfig.lora_rank)")

@@ -230,6 +230,11 @@ class MagicTrainConfig(SerialisableConfig):
         first_tokens (int): how many of each example's first response tokens get `first_token_weight`
             (a refusal is decided over its first few tokens: "I'm" / "sorry" / "," / "but"). >= 1.
             Default 1.
+        negative_weight (float): loss weight of every negative-mode example (the negative token with
+            the base's own answer), every other example weighing 1; each token's weight is multiplied
+            by its example's, and the loss is the weighted mean (``distill.token_loss``). Of a harmful
+            prompt's examples most teach refusal (positive, rejective, no-token, wrong-token) and one
+            teaches the answer, so > 1 rebalances the two. > 0. Default 1.0.
         lora_rank (int): 0 trains the parameters chosen above in full; r > 0 trains rank-r adapters
             (``upsafe_ext.train.lora``) on the linear layers matching `lora_targets` instead, every base
             weight frozen (plus, fully, any parameter matching `trainable_pattern`), and merges them into
@@ -273,6 +278,7 @@ class MagicTrainConfig(SerialisableConfig):
     distill_tail: bool = field(default=False, metadata={"help": "keep the base's mass outside its top-k"})
     first_token_weight: float = field(default=1.0, metadata={"help": "loss weight of each first response token"})
     first_tokens: int = field(default=1, metadata={"help": "response tokens that get first_token_weight"})
+    negative_weight: float = field(default=1.0, metadata={"help": "loss weight of each negative-mode example"})
     lora_rank: int = field(default=0, metadata={"help": "LoRA rank (0: no adapters, full fine-tuning)"})
     lora_alpha: float = field(default=32.0, metadata={"help": "LoRA scale numerator (alpha / rank)"})
     lora_targets: str = field(default=LORA_TARGETS, metadata={"help": "regex of module names that get adapters"})
@@ -307,6 +313,7 @@ class MagicTrainConfig(SerialisableConfig):
                              "it needs MagicTrainConfig.distill_top_k")
         check_float("MagicTrainConfig.first_token_weight", self.first_token_weight, 0.0, lo_open=True)
         check_int("MagicTrainConfig.first_tokens", self.first_tokens, 1)
+        check_float("MagicTrainConfig.negative_weight", self.negative_weight, 0.0, lo_open=True)
         check_int("MagicTrainConfig.lora_rank", self.lora_rank, 0)
         check_float("MagicTrainConfig.token_learning_rate", self.token_learning_rate, 0.0, lo_open=True,
                     optional=True)

@@ -111,19 +111,23 @@ def collate_soft(features: Sequence[dict], length: int, tail: bool = False) -> d
 
 
 def token_loss(logits: Tensor, labels: Tensor, soft_ids: Tensor, soft_logp: Tensor, soft_mask: Tensor,
-               first_token_weight: float = 1.0, soft_rest: Tensor | None = None, first_tokens: int = 1) -> Tensor:
+               first_token_weight: float = 1.0, soft_rest: Tensor | None = None, first_tokens: int = 1,
+               example_weight: Tensor | None = None) -> Tensor:
     """Weighted mean over response tokens of cross-entropy: to the label where ``soft_mask`` is False,
     to the teacher's top-k distribution where it is True (renormalised, or with `soft_rest` from
     ``collate_soft(tail=True)`` its own top-k probabilities plus the rest of the vocabulary as one more
     class of mass `soft_rest`). Label position t is predicted by ``logits[:, t - 1]`` (the causal-LM
     shift). Every token weighs 1 except each example's first `first_tokens` response tokens (where the
     model answers or refuses), which weigh `first_token_weight`; the mean divides by the sum of the
-    weights, so 1.0 is the plain mean."""
+    weights, so 1.0 is the plain mean. `example_weight` [B] multiplies every token weight of its row
+    (``MagicTrainConfig.negative_weight``; None: all 1)."""
     logp = torch.log_softmax(logits[:, :-1].float(), -1)
     y, m = labels[:, 1:], soft_mask[:, 1:]
     hard = (y != IGNORE_INDEX) & ~m
     resp = (y != IGNORE_INDEX) | m
     w = first_token_weights(resp, first_token_weight, first_tokens)
+    if example_weight is not None:
+        w = w * example_weight.to(w).unsqueeze(-1)
     total = -(logp.gather(-1, y.clamp_min(0).unsqueeze(-1)).squeeze(-1) * hard * w).sum()
     top = logp.gather(-1, soft_ids[:, 1:])
     total = total - ((torch.exp(soft_logp[:, 1:]) * top).sum(-1) * m * w).sum()

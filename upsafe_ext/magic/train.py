@@ -31,13 +31,14 @@ from ..train.config import ADAM_EPS, FULL_SFT_BETAS
 from ..train.lora import add_lora, lora_parameters, merge_lora, merged_lora
 from ..train.sft import SFTCollator, run_sft
 from .config import MagicConfig, MagicTrainConfig
-from .data import MagicDataset
+from .data import MODE_IDS, MagicDataset
 from .distill import attach_teacher_targets, collate_soft, token_loss
 from .model import attach_tokens, get_tokens, save_magic_model
 from .token_rows import add_token_rows, merge_token_rows, merged_token_rows
 from .tokens import MagicTokens
 
 _MODEL_KEYS = ("input_ids", "attention_mask", "labels")
+LOSS_WEIGHT_KEY = "loss_weight"  # per-example loss weight (MagicTrainConfig.negative_weight)
 
 
 class MagicCollator(SFTCollator):
@@ -46,7 +47,8 @@ class MagicCollator(SFTCollator):
     Returns only ``input_ids``, ``attention_mask`` and ``labels`` (what a causal LM's forward takes),
     plus ``mode_id`` when `keep_mode` is True (for analysis; the Trainer would pass it to the model),
     plus the soft targets (``distill.collate_soft``) when `soft` is True (the plain loop's distillation;
-    with `soft_tail` also the base's mass outside its top-k).
+    with `soft_tail` also the base's mass outside its top-k), and ``loss_weight`` [B] when the examples
+    carry one (the plain loop's ``MagicTrainConfig.negative_weight``).
     """
 
     def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None, keep_mode: bool = False,
@@ -62,7 +64,7 @@ class MagicCollator(SFTCollator):
 
     def __call__(self, features: list[dict]) -> dict:
         batch = super().__call__(features)
-        keep = _MODEL_KEYS + (("mode_id",) if self.keep_mode else ())
+        keep = _MODEL_KEYS + (("mode_id",) if self.keep_mode else ()) + (LOSS_WEIGHT_KEY,)
         out = {k: v for k, v in batch.items() if k in keep}
         if self.soft:
             out |= collate_soft(features, batch["input_ids"].shape[1], tail=self.soft_tail)
@@ -158,11 +160,15 @@ def train_magic(model, tokenizer, dataset: MagicDataset, tokens: MagicTokens | N
                                       batch_size=config.batch_size, progress=progress):
             raise ValueError("train_magic: MagicTrainConfig.distill_top_k is set but no example has the base model's "
                              "own answer as its target (build the records with self_distilled_records)")
-    if config.distill_top_k is not None or config.first_token_weight != 1.0:  # our loss: soft targets, weights
-        def extra(m, batch, out):
+    if config.negative_weight != 1.0:  # each negative-mode example's weight, read by token_loss
+        neg = MODE_IDS["negative"]
+        examples = [{**e, LOSS_WEIGHT_KEY: float(config.negative_weight if e["mode_id"] == neg else 1.0)}
+                    for e in examples]
+    if config.distill_top_k is not None or config.first_token_weight != 1.0 or config.negative_weight != 1.0:
+        def extra(m, batch, out):  # our loss: soft targets, token and example weights
             return token_loss(out.logits, batch["labels"], batch["soft_ids"], batch["soft_logp"], batch["soft_mask"],
                               first_token_weight=config.first_token_weight, soft_rest=batch.get("soft_rest"),
-                              first_tokens=config.first_tokens)
+                              first_tokens=config.first_tokens, example_weight=batch.get(LOSS_WEIGHT_KEY))
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     if config.lora_rank:
         full = set()
