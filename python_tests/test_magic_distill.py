@@ -262,14 +262,17 @@ def test_first_token_weight_weighs_each_first_reply_token(first):
         MagicTrainConfig(first_tokens=0)
 
 
-def first_token_nll(model, examples) -> float:
-    """Mean NLL of each example's first response token (its label) under `model`."""
+def reply_nll(model, examples, *, first_only: bool = False, mode_id: int | None = None) -> float:
+    """Mean NLL under `model` of the response tokens (their labels) of `examples` (of mode `mode_id`
+    only, if given): every response token, or each example's first one with `first_only`."""
     out = []
     with torch.no_grad():
         for e in examples:
-            t = next(i for i, y in enumerate(e["labels"]) if y != IGNORE_INDEX)
-            logp = torch.log_softmax(model(input_ids=torch.tensor([e["input_ids"][:t]])).logits[0, -1], -1)
-            out.append(-float(logp[e["labels"][t]]))
+            if mode_id is not None and e["mode_id"] != mode_id:
+                continue
+            logp = torch.log_softmax(model(input_ids=torch.tensor([e["input_ids"]])).logits[0], -1)
+            nll = [-float(logp[t - 1, y]) for t, y in enumerate(e["labels"]) if y != IGNORE_INDEX]
+            out += nll[:1] if first_only else nll
     return sum(out) / len(out)
 
 
@@ -284,7 +287,7 @@ def test_first_token_weight_trains_the_first_reply_token_harder():
         log = train_magic(model, tok, data, tokens, MagicTrainConfig(learning_rate=3e-3, max_steps=40, batch_size=8,
                                                                      first_token_weight=w), progress=False)
         assert (log[0]["lm_loss"] == 0.0) == (w != 1.0)  # w != 1: the whole loss is token_loss (extra_loss)
-        nll[w] = first_token_nll(model, data.examples)
+        nll[w] = reply_nll(model, data.examples, first_only=True)
     assert nll[8.0] < 0.9 * nll[1.0], nll
 
 
@@ -313,18 +316,6 @@ def test_negative_weight_multiplies_each_row_of_token_loss():
         MagicTrainConfig(negative_weight=0.0)
 
 
-def negative_nll(model, examples) -> float:
-    """Mean response-token NLL of the negative-mode examples (mode id 1) under `model`."""
-    out = []
-    with torch.no_grad():
-        for e in examples:
-            if e["mode_id"] != 1:
-                continue
-            logp = torch.log_softmax(model(input_ids=torch.tensor([e["input_ids"]])).logits[0], -1)
-            out += [-float(logp[t - 1, y]) for t, y in enumerate(e["labels"]) if y != IGNORE_INDEX]
-    return sum(out) / len(out)
-
-
 def test_negative_weight_trains_the_negative_mode_harder():
     """Same data, steps, seed and rate: with negative_weight=16 the negative-mode examples' NLL ends lower
     than with 1 (measured 1.94 vs 2.27 nats: AdamW's step size does not grow with the loss scale, so
@@ -336,7 +327,7 @@ def test_negative_weight_trains_the_negative_mode_harder():
         log = train_magic(model, tok, data, tokens, MagicTrainConfig(learning_rate=1e-2, max_steps=40, batch_size=8,
                                                                      negative_weight=v), progress=False)
         assert (log[0]["lm_loss"] == 0.0) == (v != 1.0)  # v != 1: the whole loss is token_loss (extra_loss)
-        nll[v] = negative_nll(model, data.examples)
+        nll[v] = reply_nll(model, data.examples, mode_id=1)
     assert nll[16.0] < 0.9 * nll[1.0], nll
     weighted = [{**e, "loss_weight": 4.0 if e["mode_id"] == 1 else 1.0} for e in data.examples[:6]]
     batch = MagicCollator.for_tokenizer(tok)(weighted)
