@@ -276,17 +276,24 @@ def reply_nll(model, examples, *, first_only: bool = False, mode_id: int | None 
     return sum(out) / len(out)
 
 
+def trained_tiny(lr: float, **weights):
+    """The tiny model and its co-training data after 40 plain-loop steps at `lr` with `weights`
+    (MagicTrainConfig fields); a weight != 1 makes token_loss the whole loss (lm_loss logged 0)."""
+    tok, model, tokens = setup()
+    data = build_examples(records(), tok, tokens, progress=False)
+    log = train_magic(model, tok, data, tokens, MagicTrainConfig(learning_rate=lr, max_steps=40, batch_size=8,
+                                                                 **weights), progress=False)
+    assert (log[0]["lm_loss"] == 0.0) == any(v != 1.0 for v in weights.values())
+    return tok, model, data
+
+
 def test_first_token_weight_trains_the_first_reply_token_harder():
     """Same data, steps, seed and rate, no soft targets: with first_token_weight=8 the first reply
     tokens' NLL ends lower than with 1 (the weight reaches the loss of the plain-targets path too;
     measured 2.68 vs 3.33 nats)."""
     nll = {}
     for w in (1.0, 8.0):
-        tok, model, tokens = setup()
-        data = build_examples(records(), tok, tokens, progress=False)
-        log = train_magic(model, tok, data, tokens, MagicTrainConfig(learning_rate=3e-3, max_steps=40, batch_size=8,
-                                                                     first_token_weight=w), progress=False)
-        assert (log[0]["lm_loss"] == 0.0) == (w != 1.0)  # w != 1: the whole loss is token_loss (extra_loss)
+        _, model, data = trained_tiny(3e-3, first_token_weight=w)
         nll[w] = reply_nll(model, data.examples, first_only=True)
     assert nll[8.0] < 0.9 * nll[1.0], nll
 
@@ -322,11 +329,7 @@ def test_negative_weight_trains_the_negative_mode_harder():
     only the share of the loss moves); the collator carries each example's weight."""
     nll = {}
     for v in (1.0, 16.0):
-        tok, model, tokens = setup()
-        data = build_examples(records(), tok, tokens, progress=False)
-        log = train_magic(model, tok, data, tokens, MagicTrainConfig(learning_rate=1e-2, max_steps=40, batch_size=8,
-                                                                     negative_weight=v), progress=False)
-        assert (log[0]["lm_loss"] == 0.0) == (v != 1.0)  # v != 1: the whole loss is token_loss (extra_loss)
+        tok, model, data = trained_tiny(1e-2, negative_weight=v)
         nll[v] = reply_nll(model, data.examples, mode_id=1)
     assert nll[16.0] < 0.9 * nll[1.0], nll
     weighted = [{**e, "loss_weight": 4.0 if e["mode_id"] == 1 else 1.0} for e in data.examples[:6]]
